@@ -1,0 +1,5 @@
+import sys
+
+from openmsk.cli import main
+
+sys.exit(main())

@@ -1,0 +1,137 @@
+"""The node's settings: one object, read from ``OPENMSK_*`` environment variables and an optional ``.env``.
+
+Every service (SCP, worker, web, ``openmsk up``) reads the same :class:`Settings`, so a value can never mean one
+thing in one room and another thing in the next. A bad value stops start-up with :class:`ConfigError`, whose
+message is one line naming the variable and what it expects.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "OPENMSK_"
+
+# DICOM PS3.5 AE title: 1-16 characters of the default repertoire, no backslash, not only spaces.
+REPO_DIR = Path(__file__).resolve().parents[1]
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+class ConfigError(Exception):
+    """A setting has a bad value; ``str()`` is one line naming the variable."""
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+CsvList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Configuration of one node. Field descriptions double as the README table and the error hints."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    data_dir: Path = Field(
+        Path("./data"), description="a directory for received DICOM, jobs, results, Redis and Orthanc data"
+    )
+    redis_url: str | None = Field(
+        None, description="a redis:// URL; unset: `openmsk up` starts a private redis-server on 127.0.0.1"
+    )
+    orthanc_url: str | None = Field(
+        None, description="an http(s):// URL of Orthanc's REST API; unset: `openmsk up` starts a managed Orthanc"
+    )
+    orthanc_user: str | None = Field(
+        None, description="the Orthanc user name; unset: generated, stored under DATA_DIR and printed"
+    )
+    orthanc_password: str | None = Field(
+        None, description="the Orthanc password; unset: generated, stored under DATA_DIR and printed"
+    )
+    orthanc_http_port: Port = Field(8042, description="a TCP port (1-65535) for the managed Orthanc's HTTP API")
+    orthanc_dicom_port: Port = Field(4242, description="a TCP port (1-65535) for the managed Orthanc's DICOM")
+    orthanc_aet: str = Field("ORTHANC", description="the managed Orthanc's AE title (1-16 characters)")
+    scp_ae_title: str = Field("OPENMSK", description="the node's AE title (1-16 characters, no backslash)")
+    scp_host: str = Field("0.0.0.0", description="the address the DICOM SCP listens on")
+    scp_port: Port = Field(11112, description="a TCP port (1-65535) for the DICOM SCP")
+    web_host: str = Field(
+        "127.0.0.1", description="the address the web server listens on (a reverse proxy fronts it in production)"
+    )
+    web_port: Port = Field(8000, description="a TCP port (1-65535) for the web server")
+    api_tokens: CsvList = Field(
+        default_factory=list, description="comma-separated bearer tokens accepted by the HTTP API"
+    )
+    available_models: CsvList | None = Field(
+        None, description="comma-separated model names to offer; unset: every installed model"
+    )
+    model_registry: Path = Field(
+        REPO_DIR / "models" / "registry.toml",
+        description="the TOML file that lists the installed segmentation models",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="one of auto, cpu, cuda: where inference runs (auto: CUDA when present)"
+    )
+    worker_stale_s: float = Field(
+        30.0, gt=0, description="seconds (> 0) after which a worker without a heartbeat counts as gone"
+    )
+    min_free_disk_mb: int = Field(
+        1024, ge=0, description="megabytes (>= 0) of free space under DATA_DIR below which the node is degraded"
+    )
+
+    @field_validator("api_tokens", "available_models", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("scp_ae_title", "orthanc_aet")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        if not _AE_TITLE.match(value) or not value.strip():
+            raise ValueError("not a DICOM AE title")
+        return value.strip()
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("not a redis URL")
+        return value or None
+
+    @field_validator("orthanc_url")
+    @classmethod
+    def _orthanc_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("not an http URL")
+        return value.rstrip("/") if value else None
+
+    @property
+    def data_path(self) -> Path:
+        """``data_dir`` made absolute, so relative job paths resolve the same in every process."""
+        return self.data_dir.expanduser().resolve()
+
+
+def env_name(field: str) -> str:
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings; raise :class:`ConfigError` with one line per bad variable (the first is reported)."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        info = Settings.model_fields.get(field)
+        expects = info.description if info and info.description else first["msg"]
+        got = first.get("input")
+        raise ConfigError(f"{env_name(field)}={got!r} is invalid: expected {expects}") from None

@@ -1,0 +1,71 @@
+"""Worker heartbeats in Redis: how the rest of the node knows a worker is alive, and what device it has.
+
+A worker writes its record every few seconds; a reader counts a worker as alive only if its record is younger
+than ``stale_s``. Redis answering says nothing about workers — that was the seed service's mistake.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import redis
+
+KEY_PREFIX = "openmsk:worker:"
+INTERVAL_S = 5.0
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def beat(client: redis.Redis, ident: str, info: dict[str, Any], ttl_s: float) -> None:
+    """Write one heartbeat; the key expires on its own so dead workers leave nothing behind."""
+    record = {**info, "id": ident, "ts": time.time()}
+    client.set(KEY_PREFIX + ident, json.dumps(record), px=int(ttl_s * 2000))
+
+
+def remove(client: redis.Redis, ident: str) -> None:
+    client.delete(KEY_PREFIX + ident)
+
+
+def live_workers(client: redis.Redis, stale_s: float) -> list[dict[str, Any]]:
+    """Records of workers whose last heartbeat is younger than ``stale_s`` seconds, sorted by id."""
+    now = time.time()
+    keys = list(client.scan_iter(match=KEY_PREFIX + "*", count=100))
+    records = [json.loads(raw) for raw in client.mget(keys) if raw] if keys else []
+    return sorted((r for r in records if now - r.get("ts", 0) < stale_s), key=lambda r: r["id"])
+
+
+class Heartbeat:
+    """A daemon thread that beats every :data:`INTERVAL_S` until stopped."""
+
+    def __init__(self, client: redis.Redis, info: dict[str, Any], stale_s: float) -> None:
+        self.client, self.info, self.stale_s = client, info, stale_s
+        self.ident = worker_id()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="openmsk-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            remove(self.client, self.ident)
+        except redis.RedisError:
+            pass
+
+    def _run(self) -> None:
+        interval = min(INTERVAL_S, self.stale_s / 3)
+        while not self._stop.is_set():
+            try:
+                beat(self.client, self.ident, self.info, self.stale_s)
+            except redis.RedisError:
+                pass  # Redis down: the worker simply looks stale until it is back
+            self._stop.wait(interval)

@@ -1,0 +1,275 @@
+"""The job record and its store in Redis — the one place that defines what a job is.
+
+The SCP and the web create jobs, the worker moves them through their stages, the web reads them. All of them go
+through :class:`JobStore`, which checks every state change against :data:`TRANSITIONS` inside a Redis
+transaction, so two processes can never leave a job in a state the graph does not allow.
+
+Files are referred to by paths relative to ``DATA_DIR``: the same record is valid in a container and on the host.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from enum import StrEnum
+from pathlib import PurePosixPath
+from typing import Literal
+
+import redis
+from pydantic import BaseModel, Field, field_validator
+
+KEY_PREFIX = "openmsk:job:"
+INDEX_ALL = "openmsk:jobs"
+INDEX_STATE = "openmsk:jobs:state:"
+
+
+class JobState(StrEnum):
+    RECEIVED = "received"
+    QUEUED = "queued"
+    RUNNING = "running"
+    DELIVERING = "delivering"
+    DONE = "done"
+    FAILED = "failed"
+
+
+# Any non-terminal state may go back to RUNNING: a message redelivered after a worker died starts the job over
+# (jobs are idempotent). FAILED may be queued again by an operator; DONE is final.
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.RECEIVED: frozenset({JobState.QUEUED, JobState.FAILED}),
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED}),
+    JobState.RUNNING: frozenset({JobState.RUNNING, JobState.QUEUED, JobState.DELIVERING, JobState.FAILED}),
+    JobState.DELIVERING: frozenset({JobState.RUNNING, JobState.DONE, JobState.FAILED}),
+    JobState.DONE: frozenset(),
+    JobState.FAILED: frozenset({JobState.QUEUED}),
+}
+
+STAGES = ("load", "preprocess", "infer", "postprocess", "write", "analyse", "deliver")
+
+
+class ErrorCode(StrEnum):
+    """Error codes a job can end with; the seed service's codes plus the node's own."""
+
+    GPU_OOM = "GPU_OOM"
+    TIMEOUT = "TIMEOUT"
+    INVALID_FORMAT = "INVALID_FORMAT"
+    FILE_NOT_FOUND = "FILE_NOT_FOUND"
+    DICOM_ERROR = "DICOM_ERROR"
+    UNSUPPORTED_GEOMETRY = "UNSUPPORTED_GEOMETRY"
+    MODEL_ERROR = "MODEL_ERROR"
+    SEGMENTATION_FAILED = "SEGMENTATION_FAILED"
+    ANALYSIS_FAILED = "ANALYSIS_FAILED"
+    DELIVERY_FAILED = "DELIVERY_FAILED"
+    CONFIG_ERROR = "CONFIG_ERROR"
+    PIPELINE_ERROR = "PIPELINE_ERROR"
+
+
+class InvalidTransition(Exception):
+    """A state change the job graph does not allow."""
+
+
+class JobNotFound(KeyError):
+    """No job with that id."""
+
+
+def _relative_path(value: str) -> str:
+    path = PurePosixPath(value)
+    if path.is_absolute() or ".." in path.parts or not value:
+        raise ValueError(f"path must be relative to DATA_DIR without '..': {value!r}")
+    return str(path)
+
+
+class JobError(BaseModel):
+    code: ErrorCode
+    message: str
+    hint: str = ""
+
+
+class StageTiming(BaseModel):
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return self.finished_at - self.started_at
+
+
+class Delivery(BaseModel):
+    status: Literal["pending", "retrying", "done", "failed"] = "pending"
+    attempts: int = 0
+    last_error: str = ""
+    updated_at: float = Field(default_factory=time.time)
+
+
+class Provenance(BaseModel):
+    node_version: str = ""
+    model_name: str = ""
+    model_version: str = ""
+    weights_sha256: dict[str, str] = Field(default_factory=dict)
+    torch_version: str = ""
+    nnunetv2_version: str = ""
+    device: str = ""
+
+
+class Job(BaseModel):
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    source: Literal["scp", "upload"]
+    calling_ae: str | None = None
+    study_uid: str = ""
+    series_uid: str = ""
+    sop_uids: list[str] = Field(default_factory=list)
+    model: str
+    priority: Literal["urgent", "default"] = "default"
+    input_path: str = Field(description="folder or file of the input, relative to DATA_DIR")
+    state: JobState = JobState.RECEIVED
+    stage: str | None = None
+    percent: float = 0.0
+    created_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
+    state_times: dict[str, float] = Field(default_factory=dict)
+    stages: dict[str, StageTiming] = Field(default_factory=dict)
+    attempts: int = 0
+    error: JobError | None = None
+    files: list[str] = Field(default_factory=list)
+    deliveries: dict[str, Delivery] = Field(default_factory=dict)
+    provenance: Provenance = Field(default_factory=Provenance)
+    idempotency_key: str | None = None
+
+    @field_validator("input_path")
+    @classmethod
+    def _input_relative(cls, value: str) -> str:
+        return _relative_path(value)
+
+    @field_validator("files")
+    @classmethod
+    def _files_relative(cls, value: list[str]) -> list[str]:
+        return [_relative_path(item) for item in value]
+
+    @property
+    def instance_count(self) -> int:
+        return len(self.sop_uids)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in (JobState.DONE, JobState.FAILED)
+
+
+class JobStore:
+    """Jobs in Redis: one JSON document per job plus sorted-set indexes by creation time and by state."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    @classmethod
+    def from_url(cls, url: str) -> JobStore:
+        return cls(redis.Redis.from_url(url))
+
+    def create(self, job: Job) -> Job:
+        """Store a new job; an existing id is an error (ids are never reused)."""
+        job.state_times.setdefault(job.state.value, job.created_at)
+        with self.redis.pipeline() as pipe:
+            pipe.set(KEY_PREFIX + job.id, job.model_dump_json(), nx=True)
+            pipe.zadd(INDEX_ALL, {job.id: job.created_at})
+            pipe.zadd(INDEX_STATE + job.state.value, {job.id: job.created_at})
+            created, *_ = pipe.execute()
+        if not created:
+            raise ValueError(f"job {job.id} already exists")
+        return job
+
+    def get(self, job_id: str) -> Job:
+        raw = self.redis.get(KEY_PREFIX + job_id)
+        if raw is None:
+            raise JobNotFound(job_id)
+        return Job.model_validate_json(raw)
+
+    def update(self, job_id: str, change: Callable[[Job], None]) -> Job:
+        """Apply ``change`` to the job atomically (optimistic WATCH/MULTI, retried on a concurrent write).
+
+        ``change`` mutates the job in place and may raise to abort; state changes must go through
+        :meth:`transition` inside it so the graph is checked.
+        """
+        key = KEY_PREFIX + job_id
+        while True:
+            with self.redis.pipeline() as pipe:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        raise JobNotFound(job_id)
+                    job = Job.model_validate_json(raw)
+                    before = job.state
+                    change(job)
+                    job.updated_at = time.time()
+                    pipe.multi()
+                    pipe.set(key, job.model_dump_json())
+                    if job.state != before:
+                        pipe.zrem(INDEX_STATE + before.value, job.id)
+                        pipe.zadd(INDEX_STATE + job.state.value, {job.id: job.created_at})
+                    pipe.execute()
+                    return job
+                except redis.WatchError:
+                    continue
+
+    def transition(self, job_id: str, state: JobState, change: Callable[[Job], None] | None = None) -> Job:
+        """Move the job to ``state`` (checked against :data:`TRANSITIONS`), applying ``change`` in the same write."""
+
+        def apply(job: Job) -> None:
+            set_state(job, state)
+            if change is not None:
+                change(job)
+
+        return self.update(job_id, apply)
+
+    def progress(self, job_id: str, stage: str, percent: float) -> Job:
+        """Record that ``stage`` is under way and the job as a whole is ``percent`` done."""
+
+        def apply(job: Job) -> None:
+            now = time.time()
+            if job.stage != stage and job.stage in job.stages and job.stages[job.stage].finished_at is None:
+                job.stages[job.stage].finished_at = now
+            timing = job.stages.setdefault(stage, StageTiming())
+            if timing.started_at is None or job.stage != stage:
+                timing.started_at, timing.finished_at = now, None
+            job.stage = stage
+            job.percent = max(0.0, min(100.0, percent))
+
+        return self.update(job_id, apply)
+
+    def finish_stage(self, job_id: str, stage: str) -> Job:
+        def apply(job: Job) -> None:
+            job.stages.setdefault(stage, StageTiming(started_at=time.time())).finished_at = time.time()
+
+        return self.update(job_id, apply)
+
+    def fail(self, job_id: str, code: ErrorCode, message: str, hint: str = "") -> Job:
+        def apply(job: Job) -> None:
+            job.error = JobError(code=code, message=message, hint=hint)
+
+        return self.transition(job_id, JobState.FAILED, apply)
+
+    def list(self, state: JobState | None = None, offset: int = 0, limit: int = 50) -> list[Job]:
+        """Jobs newest first, optionally only those in ``state``."""
+        index = INDEX_ALL if state is None else INDEX_STATE + state.value
+        ids = self.redis.zrevrange(index, offset, offset + limit - 1)
+        raws = self.redis.mget([KEY_PREFIX + i.decode() for i in ids]) if ids else []
+        return [Job.model_validate_json(raw) for raw in raws if raw is not None]
+
+    def count(self, state: JobState | None = None) -> int:
+        return int(self.redis.zcard(INDEX_ALL if state is None else INDEX_STATE + state.value))
+
+    def counts_by_state(self) -> dict[str, int]:
+        return {state.value: self.count(state) for state in JobState}
+
+
+def set_state(job: Job, state: JobState) -> None:
+    """Change ``job.state`` in memory if the graph allows it; raise :class:`InvalidTransition` otherwise."""
+    if state not in TRANSITIONS[job.state]:
+        raise InvalidTransition(f"job {job.id}: {job.state.value} → {state.value} is not allowed")
+    if state is JobState.RUNNING:
+        job.attempts += 1
+    if state is JobState.QUEUED:
+        job.error = None
+    job.state = state
+    job.state_times[state.value] = time.time()

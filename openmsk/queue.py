@@ -1,0 +1,44 @@
+"""The job queue: Dramatiq on Redis, shared by the senders (SCP, web) and the consumer (worker).
+
+Senders enqueue by actor *name*, so the SCP and the web never import the worker's code (and with it torch).
+"""
+
+from __future__ import annotations
+
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+
+from openmsk.jobs import Job
+
+NAMESPACE = "openmsk"
+SEGMENT_ACTOR = "segment_job"
+QUEUES = ("urgent", "default")
+
+# A worker killed with SIGKILL stops heart-beating; after HEARTBEAT_TIMEOUT_MS another worker's maintenance pass
+# puts its unacked messages back. Dramatiq's defaults (60 s, 1 % maintenance chance) can hold a job for minutes.
+HEARTBEAT_TIMEOUT_MS = 10_000
+MAINTENANCE_CHANCE = 50_000  # out of 100 000 fetches
+
+
+def make_broker(redis_url: str) -> RedisBroker:
+    """A Redis broker for the node's namespace, set as Dramatiq's global broker."""
+    broker = RedisBroker(
+        url=redis_url,
+        namespace=NAMESPACE,
+        heartbeat_timeout=HEARTBEAT_TIMEOUT_MS,
+        maintenance_chance=MAINTENANCE_CHANCE,
+    )
+    dramatiq.set_broker(broker)
+    return broker
+
+
+def enqueue_job(broker: RedisBroker, job: Job) -> str:
+    """Send the message that makes a worker run ``job``; returns the message id."""
+    message = dramatiq.Message(
+        queue_name=job.priority,
+        actor_name=SEGMENT_ACTOR,
+        args=(job.id,),
+        kwargs={},
+        options={},
+    )
+    return broker.enqueue(message).message_id
