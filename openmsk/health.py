@@ -1,0 +1,87 @@
+"""The node's health: what ``GET /health`` reports, computed from live checks, never from assumptions.
+
+``healthy`` needs Redis, at least one worker with a fresh heartbeat, Orthanc (when one is configured), enough
+free disk and at least one usable model. Redis down makes the node ``unhealthy``; anything else missing makes it
+``degraded``. Only ``healthy`` answers HTTP 200.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+import redis
+import requests
+
+from openmsk.config import Settings
+from openmsk.heartbeat import live_workers
+from openmsk.models.registry import model_statuses
+
+AVAILABLE = "available"
+
+
+def _redis_status(client: redis.Redis) -> str:
+    try:
+        client.ping()
+        return AVAILABLE
+    except redis.RedisError as exc:
+        return f"unavailable: {type(exc).__name__}"
+
+
+def _orthanc_status(settings: Settings) -> str:
+    if settings.orthanc_url is None:
+        return "not configured"
+    auth = (settings.orthanc_user, settings.orthanc_password) if settings.orthanc_user else None
+    try:
+        response = requests.get(f"{settings.orthanc_url}/system", auth=auth, timeout=2)
+    except requests.RequestException as exc:
+        return f"unavailable: {type(exc).__name__}"
+    if response.status_code != 200:
+        return f"unavailable: HTTP {response.status_code}"
+    return AVAILABLE
+
+
+def _gpu_status(workers: list[dict[str, Any]]) -> str:
+    if not workers:
+        return "unknown (no worker)"
+    gpus = sorted({w["gpu"] for w in workers if w.get("gpu")})
+    return ", ".join(gpus) if gpus else "none (cpu)"
+
+
+def check_health(settings: Settings, client: redis.Redis) -> dict[str, Any]:
+    """Run every check once and return the report (``status`` is healthy, degraded or unhealthy)."""
+    redis_state = _redis_status(client)
+    workers = live_workers(client, settings.worker_stale_s) if redis_state == AVAILABLE else []
+    worker_state = (
+        AVAILABLE if workers else f"unavailable: no heartbeat in the last {settings.worker_stale_s:g} s"
+    )
+    orthanc_state = _orthanc_status(settings)
+    data = settings.data_path
+    free = shutil.disk_usage(data if data.exists() else data.parent).free
+    disk_ok = free >= settings.min_free_disk_mb * 1024 * 1024
+    models = model_statuses(settings)
+
+    if redis_state != AVAILABLE:
+        status = "unhealthy"
+    elif (
+        worker_state != AVAILABLE
+        or orthanc_state not in (AVAILABLE, "not configured")
+        or not disk_ok
+        or not any(m["status"] == "ok" for m in models)
+    ):
+        status = "degraded"
+    else:
+        status = "healthy"
+    return {
+        "status": status,
+        "redis": redis_state,
+        "worker": worker_state,
+        "workers": [
+            {"id": w["id"], "device": w.get("device"), "gpu": w.get("gpu"), "gpu_free_bytes": w.get("gpu_free_bytes")}
+            for w in workers
+        ],
+        "orthanc": orthanc_state,
+        "gpu": _gpu_status(workers),
+        "disk": {"free_bytes": free, "status": "ok" if disk_ok else "low"},
+        "models": models,
+    }

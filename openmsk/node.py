@@ -1,0 +1,161 @@
+"""``openmsk up``: the whole node on one machine, in the foreground.
+
+Starts a private Redis and a managed Orthanc when none is configured, then the SCP, one worker and the web
+server as child processes (``openmsk scp|worker|web``, the same commands a multi-host deployment runs). A child
+that crashes is restarted; Ctrl-C or SIGTERM stops every child within 10 s and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from openmsk import __version__
+from openmsk.config import Settings, env_name
+from openmsk.managed.orthanc import ORTHANC_DIR, ManagedOrthanc, orthanc_binary
+from openmsk.managed.process import spawn, stop_all
+from openmsk.managed.redis import ManagedRedis
+
+SERVICES = ("scp", "worker", "web")
+NODE_MODALITY = "openmsk"  # the node's name in Orthanc's DicomModalities
+RESTART_LIMIT = 5  # crashes of one service within RESTART_WINDOW_S before the node gives up
+RESTART_WINDOW_S = 60.0
+
+
+def orthanc_credentials(settings: Settings) -> tuple[str, str, bool]:
+    """The managed Orthanc's user and password: from settings, else generated once and kept under DATA_DIR.
+
+    Returns ``(user, password, generated)`` where ``generated`` says the values came from the node.
+    """
+    if settings.orthanc_user and settings.orthanc_password:
+        return settings.orthanc_user, settings.orthanc_password, False
+    path = settings.data_path / "secrets" / "orthanc.json"
+    if path.exists():
+        stored = json.loads(path.read_text())
+        return settings.orthanc_user or stored["user"], settings.orthanc_password or stored["password"], True
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    user, password = settings.orthanc_user or "openmsk", settings.orthanc_password or secrets.token_urlsafe(18)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump({"user": user, "password": password}, handle)
+    return user, password, True
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen | None = None
+    crashes: list[float] = field(default_factory=list)
+
+
+class Node:
+    """The supervisor behind ``openmsk up``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.env = dict(os.environ)
+        self.redis: ManagedRedis | None = None
+        self.orthanc: ManagedOrthanc | None = None
+        self.children = [Child(name, [sys.executable, "-m", "openmsk", name]) for name in SERVICES]
+        self.stopping = threading.Event()
+
+    def _set(self, field_name: str, value: str) -> None:
+        self.env[env_name(field_name)] = value
+
+    def start_backing_services(self) -> list[str]:
+        """Start managed Redis/Orthanc where needed; return lines describing them."""
+        s, lines = self.settings, []
+        data = s.data_path
+        if s.redis_url is None:
+            self.redis = ManagedRedis(data / "redis").start()
+            self._set("redis_url", self.redis.url)
+            lines.append(f"  Redis    {self.redis.url}  (managed, AOF under {data / 'redis'})")
+        else:
+            lines.append(f"  Redis    {s.redis_url}  (external)")
+
+        if s.orthanc_url is not None:
+            lines.append(f"  Orthanc  {s.orthanc_url}  (external)")
+        elif orthanc_binary() is None:
+            lines.append("  Orthanc  not installed and OPENMSK_ORTHANC_URL unset: results stay on this node")
+        else:
+            user, password, generated = orthanc_credentials(s)
+            autoroute = ORTHANC_DIR / "autoroute.lua"
+            self.orthanc = ManagedOrthanc(
+                data_dir=data / "orthanc",
+                http_port=s.orthanc_http_port,
+                dicom_port=s.orthanc_dicom_port,
+                aet=s.orthanc_aet,
+                user=user,
+                password=password,
+                modalities={NODE_MODALITY: (s.scp_ae_title, "127.0.0.1", s.scp_port)},
+                lua_scripts=[autoroute] if autoroute.exists() else [],
+            ).start()
+            self._set("orthanc_url", self.orthanc.url)
+            self._set("orthanc_user", user)
+            self._set("orthanc_password", password)
+            made = " (generated, kept in DATA_DIR/secrets/orthanc.json)" if generated else ""
+            lines.append(
+                f"  Orthanc  {self.orthanc.url}  DICOM {s.orthanc_aet}@{s.orthanc_dicom_port}  "
+                f"user {user!r} password {password!r}{made}"
+            )
+        return lines
+
+    def start_child(self, child: Child) -> None:
+        child.proc = spawn(child.argv, env=self.env)
+
+    def run(self) -> int:
+        s = self.settings
+        s.data_path.mkdir(parents=True, exist_ok=True)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        try:
+            lines = self.start_backing_services()
+            for child in self.children:
+                self.start_child(child)
+            self._print_banner(lines)
+            return self._supervise()
+        finally:
+            self.shutdown()
+
+    def _print_banner(self, lines: list[str]) -> None:
+        s = self.settings
+        print(f"OpenMSK Node {__version__} — data in {s.data_path}", flush=True)
+        for line in lines:
+            print(line, flush=True)
+        print(f"  SCP      {s.scp_ae_title}@{s.scp_host}:{s.scp_port}", flush=True)
+        print(f"  Web      http://{s.web_host}:{s.web_port}  (health: /health)", flush=True)
+        print(f"  Worker   1 process, device {s.device}", flush=True)
+        print("Press Ctrl-C to stop.", flush=True)
+
+    def _supervise(self) -> int:
+        while not self.stopping.wait(0.5):
+            for child in self.children:
+                if child.proc is None or child.proc.poll() is None:
+                    continue
+                now = time.monotonic()
+                child.crashes = [t for t in child.crashes if now - t < RESTART_WINDOW_S] + [now]
+                if len(child.crashes) > RESTART_LIMIT:
+                    print(f"openmsk: {child.name} keeps exiting (status {child.proc.returncode}); stopping", flush=True)
+                    return 1
+                print(f"openmsk: {child.name} exited with status {child.proc.returncode}; restarting", flush=True)
+                self.start_child(child)
+        return 0
+
+    def shutdown(self) -> None:
+        """Stop the services first (they may still talk to Redis/Orthanc), then Orthanc and Redis."""
+        stop_all([c.proc for c in self.children if c.proc is not None], timeout_s=6.0)
+        backing = [p for p in (self.orthanc and self.orthanc.proc, self.redis and self.redis.proc) if p is not None]
+        stop_all(backing, timeout_s=3.0)
+        print("OpenMSK Node stopped.", flush=True)
+
+
+def up(settings: Settings) -> int:
+    return Node(settings).run()

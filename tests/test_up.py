@@ -1,0 +1,63 @@
+"""`openmsk up`: the whole node starts, reports healthy, and stops on SIGTERM leaving no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from openmsk.managed.process import free_port
+from tests.processes import alive, descendants, health, wait_for
+
+
+def test_up_starts_healthy_and_stops_cleanly(tmp_path: Path) -> None:
+    ports = {name: free_port() for name in ("web", "scp", "orthanc_http", "orthanc_dicom")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENMSK_")}
+    env.update(
+        OPENMSK_DATA_DIR=str(tmp_path / "data"),
+        OPENMSK_WEB_PORT=str(ports["web"]),
+        OPENMSK_SCP_PORT=str(ports["scp"]),
+        OPENMSK_SCP_HOST="127.0.0.1",
+        OPENMSK_ORTHANC_HTTP_PORT=str(ports["orthanc_http"]),
+        OPENMSK_ORTHANC_DICOM_PORT=str(ports["orthanc_dicom"]),
+        OPENMSK_MIN_FREE_DISK_MB="0",
+    )
+    log = tmp_path / "up.log"
+    with open(log, "wb") as out:
+        node = subprocess.Popen([sys.executable, "-m", "openmsk", "up"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        took = wait_for(lambda: health(ports["web"])[0] == 200, 60, f"healthy node (log: {log})")
+        _, report = health(ports["web"])
+        assert report["redis"] == report["worker"] == report["orthanc"] == "available"
+        printed = log.read_text()
+        assert f"http://127.0.0.1:{ports['web']}" in printed and f"OPENMSK@127.0.0.1:{ports['scp']}" in printed
+
+        # The generated Orthanc credentials: printed, kept, and the only way into Orthanc.
+        stored = json.loads((tmp_path / "data" / "secrets" / "orthanc.json").read_text())
+        assert stored["password"] in printed
+        orthanc = f"http://127.0.0.1:{ports['orthanc_http']}"
+        assert requests.get(f"{orthanc}/system", timeout=5).status_code == 401
+        system = requests.get(f"{orthanc}/system", auth=(stored["user"], stored["password"]), timeout=5)
+        assert system.status_code == 200
+        modalities = requests.get(f"{orthanc}/modalities?expand", auth=(stored["user"], stored["password"]), timeout=5)
+        assert modalities.json()["openmsk"]["AET"] == "OPENMSK"
+        assert (tmp_path / "data" / "redis" / "appendonlydir").is_dir()  # AOF persistence is on
+        print(f"node healthy after {took:.1f} s")
+
+        children = descendants(node.pid)
+        assert len(children) >= 5  # redis, orthanc, scp, worker, web
+        started = time.monotonic()
+        node.send_signal(signal.SIGTERM)
+        assert node.wait(timeout=12) == 0
+        assert time.monotonic() - started < 10
+        left = [pid for pid in children if alive(pid)]
+        assert not left, f"processes left behind: {left}"
+    finally:
+        if node.poll() is None:
+            node.kill()
