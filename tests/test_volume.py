@@ -1,0 +1,128 @@
+"""Loading DICOM series into patient space, and refusing what is not a 3D volume."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+
+from openmsk.phantom import generate, write_series
+from worker.errors import GeometryError, SeriesError
+from worker.inputs import load_input
+from worker.volume import load_series, read_series
+
+
+@pytest.fixture(scope="module")
+def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("phantom")
+    write_series(generate(seed=11, size="small", orientation="oblique", laterality="L"), out)
+    return out
+
+
+@pytest.mark.parametrize("orientation", ["sagittal", "coronal", "axial", "oblique"])
+@pytest.mark.parametrize("laterality", ["R", "L"])
+def test_volume_matches_phantom_in_patient_space(tmp_path: Path, orientation: str, laterality: str) -> None:
+    ph = generate(seed=5, size="small", orientation=orientation, laterality=laterality)
+    write_series(ph, tmp_path)
+    files = sorted((tmp_path / "dicom").iterdir())
+    # Shuffle the read order: slice order must come from geometry, not from file names.
+    datasets = [pydicom.dcmread(p) for p in files[::-2] + files[::2]]
+    volume = load_series(datasets)
+    assert volume.image.shape == ph.image.shape
+    np.testing.assert_allclose(volume.affine_lps, ph.affine_lps, atol=1e-3)
+    np.testing.assert_array_equal(volume.image, ph.image.astype(np.float32))
+    assert [int(ds.InstanceNumber) for ds in volume.sources] == sorted(int(ds.InstanceNumber) for ds in datasets)
+
+
+def test_missing_slice_is_refused(phantom_dir: Path) -> None:
+    datasets = read_series(phantom_dir / "dicom")
+    with pytest.raises(SeriesError, match="uneven slice spacing"):
+        load_series(datasets[:10] + datasets[11:])
+
+
+def test_mixed_orientations_are_refused(phantom_dir: Path) -> None:
+    datasets = read_series(phantom_dir / "dicom")
+    datasets[3].ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    with pytest.raises(GeometryError, match="mixes slice orientations"):
+        load_series(datasets)
+
+
+def test_localizer_is_refused(phantom_dir: Path) -> None:
+    datasets = read_series(phantom_dir / "dicom")
+    for ds in datasets:
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    with pytest.raises(GeometryError, match="localizer"):
+        load_series(datasets)
+    with pytest.raises(GeometryError, match="2D image or localizer"):
+        load_series(read_series(phantom_dir / "dicom")[:1])
+
+
+def test_two_series_are_refused(phantom_dir: Path) -> None:
+    datasets = read_series(phantom_dir / "dicom")
+    datasets[0].SeriesInstanceUID = "1.2.3.4"
+    with pytest.raises(SeriesError, match="one series"):
+        load_series(datasets)
+
+
+def test_compressed_series_is_decoded(phantom_dir: Path, tmp_path: Path) -> None:
+    """JPEG-LS lossless via dcmtk's dcmcjpls, decoded through the pylibjpeg plugins."""
+    reference = load_series(read_series(phantom_dir / "dicom"))
+    out = tmp_path / "jls"
+    out.mkdir()
+    for path in sorted((phantom_dir / "dicom").iterdir()):
+        subprocess.run(["dcmcjpls", str(path), str(out / path.name)], check=True, env={"TCP_NODELAY": "1"})
+    assert pydicom.dcmread(next(out.iterdir())).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"
+    volume = load_series(read_series(out))
+    np.testing.assert_array_equal(volume.image, reference.image)
+
+
+def test_enhanced_multiframe_mr_is_accepted(phantom_dir: Path, tmp_path: Path) -> None:
+    reference = load_series(read_series(phantom_dir / "dicom"))
+    first = reference.sources[0]
+    enhanced = pydicom.Dataset()
+    enhanced.file_meta = pydicom.dataset.FileMetaDataset()
+    enhanced.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    enhanced.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"
+    enhanced.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    enhanced.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"
+    enhanced.SOPInstanceUID = enhanced.file_meta.MediaStorageSOPInstanceUID
+    for tag in ("StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns", "BitsAllocated", "BitsStored",
+                "HighBit", "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation"):
+        setattr(enhanced, tag, getattr(first, tag))
+    frames = list(reversed(reference.sources))  # frame order must not matter
+    enhanced.NumberOfFrames = len(frames)
+    shared = pydicom.Dataset()
+    measures = pydicom.Dataset()
+    measures.PixelSpacing = first.PixelSpacing
+    measures.SliceThickness = first.SliceThickness
+    shared.PixelMeasuresSequence = [measures]
+    plane = pydicom.Dataset()
+    plane.ImageOrientationPatient = first.ImageOrientationPatient
+    shared.PlaneOrientationSequence = [plane]
+    enhanced.SharedFunctionalGroupsSequence = [shared]
+    per_frame = []
+    for ds in frames:
+        item, position = pydicom.Dataset(), pydicom.Dataset()
+        position.ImagePositionPatient = ds.ImagePositionPatient
+        item.PlanePositionSequence = [position]
+        per_frame.append(item)
+    enhanced.PerFrameFunctionalGroupsSequence = per_frame
+    enhanced.PixelData = b"".join(ds.PixelData for ds in frames)
+    path = tmp_path / "enhanced.dcm"
+    enhanced.save_as(path, enforce_file_format=True)
+
+    volume = load_input(path)
+    np.testing.assert_allclose(volume.affine_lps, reference.affine_lps, atol=1e-3)
+    np.testing.assert_array_equal(volume.image, reference.image)
+
+
+def test_nifti_input_keeps_patient_space(phantom_dir: Path) -> None:
+    """labels.nii.gz (RAS affine) read back as a volume lands on the DICOM geometry (LPS)."""
+    reference = load_series(read_series(phantom_dir / "dicom"))
+    volume = load_input(phantom_dir / "labels.nii.gz")
+    np.testing.assert_allclose(volume.affine_lps, reference.affine_lps, atol=1e-3)
+    assert volume.image.shape == reference.image.shape and volume.sources == []
