@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 PIP := $(VPY) -m pip --disable-pip-version-check
-APT_PACKAGES := redis-server orthanc orthanc-dicomweb dcmtk dicom3tools
+APT_PACKAGES := redis-server orthanc orthanc-dicomweb dcmtk dicom3tools docker-compose
 TORCH_PIN := constraints/torch.txt
 PY_STAMP := $(VENV)/.installed-python
 APT_STAMP := $(VENV)/.installed-apt
@@ -36,8 +36,8 @@ $(VPY): | check-python
 $(PY_STAMP): pyproject.toml $(TORCH_PIN) | $(VPY)
 	@echo "==> installing $$(cat $(TORCH_PIN)) into $(VENV)"
 	$(PIP) install -q -r $(TORCH_PIN)
-	@echo "==> installing openmsk with test extras into $(VENV)"
-	$(PIP) install -q -c $(TORCH_PIN) -e '.[test]'
+	@echo "==> installing openmsk with its worker and test extras into $(VENV)"
+	$(PIP) install -q -c $(TORCH_PIN) -e '.[worker,test]'
 	@touch $@
 
 install-python: $(PY_STAMP)
@@ -57,3 +57,61 @@ lint:
 
 format:
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+# ---------------------------------------------------------------------------------------------- production
+# Caddy, Redis, Orthanc, web and SCP under Docker compose; the GPU worker natively under systemd (deploy/).
+# Settings come from deploy/.env (copy deploy/.env.example). See deploy/README.md.
+-include deploy/.env
+COMPOSE ?= docker compose
+COMPOSE_CMD := $(COMPOSE) -f deploy/docker-compose.yml --env-file deploy/.env
+OPENMSK_DATA_HOST_DIR ?= /srv/openmsk/data
+UNITS := openmsk-worker
+UNIT_DIR ?= /etc/systemd/system
+ENV_FILE ?= /etc/openmsk/openmsk.env
+
+.PHONY: prod-setup prod-start prod-stop prod-restart prod-status prod-logs prod-logs-worker prod-logs-web prod-logs-scp
+
+prod-setup: install
+	@test -f deploy/.env || { echo "error: copy deploy/.env.example to deploy/.env and fill it in first"; exit 1; }
+	@echo "==> user, data directories, environment file"
+	id -u openmsk >/dev/null 2>&1 || useradd --system --uid 10001 --home-dir $(OPENMSK_DATA_HOST_DIR) openmsk
+	install -d -o 10001 -g 10001 -m 0750 $(OPENMSK_DATA_HOST_DIR) $(OPENMSK_DATA_HOST_DIR)/incoming \
+		$(OPENMSK_DATA_HOST_DIR)/uploads $(OPENMSK_DATA_HOST_DIR)/jobs $(OPENMSK_DATA_HOST_DIR)/logs
+	install -d -m 0750 $(dir $(ENV_FILE))
+	{ cat deploy/.env; echo "OPENMSK_DATA_DIR=$(OPENMSK_DATA_HOST_DIR)"; \
+	  echo "OPENMSK_REDIS_URL=redis://:$(REDIS_PASSWORD)@127.0.0.1:6379/0"; \
+	  echo "OPENMSK_ORTHANC_URL=http://127.0.0.1:8042"; } > $(ENV_FILE)
+	chmod 0640 $(ENV_FILE)
+	@echo "==> systemd units (enabled at boot)"
+	for unit in $(UNITS); do sed "s#/opt/openmsk#$(CURDIR)#g" deploy/systemd/$$unit.service > $(UNIT_DIR)/$$unit.service; done
+	systemctl daemon-reload
+	systemctl enable $(addsuffix .service,$(UNITS))
+	@echo "==> container images"
+	$(COMPOSE_CMD) build
+
+prod-start:
+	$(COMPOSE_CMD) up -d
+	systemctl start $(addsuffix .service,$(UNITS))
+
+prod-stop:
+	systemctl stop $(addsuffix .service,$(UNITS))
+	$(COMPOSE_CMD) down
+
+prod-restart: prod-stop prod-start
+
+prod-status:
+	$(COMPOSE_CMD) ps
+	systemctl --no-pager status $(addsuffix .service,$(UNITS)) || true
+	curl -sS https://$(OPENMSK_DOMAIN)/health; echo
+
+prod-logs:
+	$(COMPOSE_CMD) logs -f --tail=100 & journalctl -f -n 100 $(addprefix -u ,$(UNITS)); kill %1
+
+prod-logs-worker:
+	journalctl -f -n 200 -u openmsk-worker
+
+prod-logs-web:
+	$(COMPOSE_CMD) logs -f --tail=200 web
+
+prod-logs-scp:
+	$(COMPOSE_CMD) logs -f --tail=200 scp
