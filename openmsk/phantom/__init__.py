@@ -1,0 +1,112 @@
+"""Synthetic knee MRI phantoms with exact ground truth, for tests, demos and benchmarks without patient data.
+
+A phantom is an analytic knee (bones, cartilage sheets, menisci, soft tissue) defined in DICOM patient
+space (LPS, mm), sampled on the voxel grid of one 3D DESS-like MR series. Because the label of every voxel
+comes from evaluating the anatomy at that voxel's patient coordinates, labels and image agree exactly in
+every orientation.
+
+Voxel order of :attr:`Phantom.image` and :attr:`Phantom.labels` is ``[i, j, k]``: ``i`` = column (along the
+DICOM row direction), ``j`` = row (along the column direction), ``k`` = slice (along row × column), the usual
+dcm2niix/ITK order. ``affine_lps @ [i, j, k, 1]`` is the voxel centre in patient LPS mm.
+
+This module imports nothing heavy so that ``openmsk.phantom.cli`` stays cheap to import; numpy and pydicom are
+loaded when :func:`generate` or :func:`write_series` runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from numbers import Integral
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
+
+# The canonical label map of OpenMSK; segmentation output and phantom truth use the same numbers.
+LABELS: dict[int, str] = {
+    1: "femur",
+    2: "tibia",
+    3: "patella",
+    4: "femoral_cartilage",
+    5: "medial_tibial_cartilage",
+    6: "lateral_tibial_cartilage",
+    7: "patellar_cartilage",
+    8: "medial_meniscus",
+    9: "lateral_meniscus",
+}
+
+SIZES = ("small", "full")
+ORIENTATIONS = ("sagittal", "coronal", "axial", "oblique")
+LATERALITIES = ("R", "L")
+
+
+@dataclass(frozen=True)
+class Phantom:
+    """One generated series: pixels, labels on the same grid, its geometry, ground truth and metadata."""
+
+    image: NDArray[np.uint16]  # (nx, ny, nz) = (columns, rows, slices)
+    labels: NDArray[np.uint8]  # same shape and grid as image
+    affine_lps: NDArray[np.float64]  # 4x4, voxel index [i, j, k, 1] -> patient LPS mm
+    spacing: tuple[float, float, float]  # mm along i, j, k
+    truth: dict[str, Any]  # exactly what truth.json holds
+    meta: dict[str, Any]  # seed, size, orientation, laterality, uids, patient, grid directions
+
+
+def generate(
+    seed: int = 0, size: str = "small", orientation: str = "sagittal", laterality: str = "R"
+) -> Phantom:
+    """Build a phantom; the same arguments always give byte-identical pixels and the same UIDs."""
+    from openmsk.phantom.anatomy import knee_params, make_grid, sample_anatomy
+    from openmsk.phantom.contrast import synthesize
+    from openmsk.phantom.dicom import series_meta
+    from openmsk.phantom.truth import compute_truth
+
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    seed = int(seed)  # numpy integers too; UIDs and truth.json need a plain int
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    if orientation not in ORIENTATIONS:
+        raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
+    if laterality not in LATERALITIES:
+        raise ValueError(f"laterality must be one of {LATERALITIES}, got {laterality!r}")
+
+    knee = knee_params(seed, laterality)
+    grid = make_grid(size, orientation, knee)
+    sampled = sample_anatomy(grid, knee)
+    image = synthesize(sampled, knee)
+    meta = series_meta(seed, size, orientation, laterality, grid)
+    truth = compute_truth(sampled.labels, grid, knee, size, orientation)
+    return Phantom(
+        image=image,
+        labels=sampled.labels,
+        affine_lps=grid.affine_lps,
+        spacing=grid.spacing,
+        truth=truth,
+        meta=meta,
+    )
+
+
+def write_series(phantom: Phantom, out_dir: str | Path) -> dict[str, Any]:
+    """Write ``dicom/IM0001.dcm…``, ``labels.nii.gz`` and ``truth.json`` under *out_dir*; return their paths.
+
+    The returned dict has ``dicom_dir`` (Path), ``dicom_files`` (list of Path, slice order), ``labels`` and
+    ``truth`` (Path).
+    """
+    from openmsk.phantom.dicom import write_dicom_series
+    from openmsk.phantom.truth import write_labels_nifti, write_truth_json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = write_dicom_series(phantom, out / "dicom")
+    return {
+        "dicom_dir": out / "dicom",
+        "dicom_files": files,
+        "labels": write_labels_nifti(phantom, out / "labels.nii.gz"),
+        "truth": write_truth_json(phantom, out / "truth.json"),
+    }
+
+
+__all__ = ["LABELS", "LATERALITIES", "ORIENTATIONS", "SIZES", "Phantom", "generate", "write_series"]
