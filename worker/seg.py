@@ -1,0 +1,319 @@
+"""DICOM Segmentation (SEG) of the knee labels, for the PACS and any DICOM viewer.
+
+One segment per tissue present in the label map (absent tissues are left out, so a viewer lists only what was
+found), coded with the SNOMED CT terms of :mod:`openmsk.labels`, coloured with the same colours as the preview
+(RecommendedDisplayCIELabValue), and identified as the AUTOMATIC output of the model and version that produced
+it. The SEG shares the source series' study and frame of reference and references every source instance.
+
+BINARY is the default because viewers older than the Label Map Segmentation SOP class (added to DICOM in 2024;
+2022-era OHIF, Slicer, PACS viewers) do not display LABELMAP objects; ``labelmap=True`` writes the Label Map
+Segmentation SOP class instead, one 8-bit frame per slice instead of one 1-bit frame per slice and segment.
+
+The Series and SOP Instance UIDs are derived from (source SeriesInstanceUID, model name, model version, type),
+so rerunning a model on a series replaces the earlier SEG in the PACS instead of adding a second one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from openmsk import __version__
+from openmsk.labels import LATERALITY, TISSUES, Tissue
+from worker.uids import derive_uid
+
+if TYPE_CHECKING:
+    import pydicom
+    from pydicom.dataset import Dataset
+
+__all__ = [
+    "CONTENT_LABEL",
+    "MANUFACTURER",
+    "SEG_SERIES_NUMBER_OFFSET",
+    "SegResult",
+    "VolumeLike",
+    "fit_text",
+    "knee_laterality",
+    "save_dataset",
+    "seg_uids",
+    "segment_description",
+    "segment_numbers",
+    "write_seg",
+]
+
+MANUFACTURER = "OpenMSK"
+MANUFACTURER_MODEL_NAME = "OpenMSK Node"
+CONTENT_LABEL = "KNEE_SEG"  # CS: upper case, at most 16 characters
+# SEG series number = source series number + this offset, so that it sorts after the source in a viewer and is
+# the same on every rerun.
+SEG_SERIES_NUMBER_OFFSET = 1000
+
+
+class VolumeLike(Protocol):
+    """What the writers need of a loaded series (``worker.volume.SeriesVolume`` has it)."""
+
+    image: NDArray[Any]  # (n_cols, n_rows, n_slices), index (i, j, k)
+    affine_lps: NDArray[Any]  # 4x4, voxel (i, j, k) -> patient LPS mm
+    spacing: tuple[float, float, float]
+    sources: list[pydicom.Dataset]  # sources[k] is slice k
+
+
+@dataclass(frozen=True)
+class SegResult:
+    """What :func:`write_seg` wrote.
+
+    ``segments`` holds the tissue names in segment-number order: segment ``n`` is ``segments[n - 1]``.
+    """
+
+    series_uid: str
+    sop_uid: str
+    segments: list[str]
+    path: Path | None = None
+    segment_numbers: dict[str, int] = field(default_factory=dict)
+    labelmap: bool = False
+
+
+def seg_uids(
+    source_series_uid: str, model_name: str, model_version: str, *, labelmap: bool = False
+) -> tuple[str, str]:
+    """(SeriesInstanceUID, SOPInstanceUID) of the SEG of *model_name* *model_version* on a source series.
+
+    The segmentation type takes part: a BINARY and a LABELMAP SEG are different SOP classes and must never
+    share a SOP Instance UID.
+    """
+    kind = "seg-labelmap" if labelmap else "seg-binary"
+    return (
+        derive_uid(source_series_uid, model_name, model_version, kind, "series"),
+        derive_uid(source_series_uid, model_name, model_version, kind, "instance"),
+    )
+
+
+def knee_laterality(source: Dataset) -> str | None:
+    """``"R"`` or ``"L"`` from the source's Laterality (series) or ImageLaterality, else ``None``."""
+    for keyword in ("Laterality", "ImageLaterality"):
+        value = str(source.get(keyword, "") or "").strip().upper()
+        if value in LATERALITY:
+            return value
+    return None
+
+
+def segment_description(
+    number: int,
+    tissue: Tissue,
+    algorithm: Any,
+    laterality: str | None,
+) -> Any:
+    """A highdicom ``SegmentDescription`` for *tissue* as segment *number*.
+
+    Medial/lateral goes into the anatomic region's modifier (CID 2) and the knee's right/left into the
+    property type's modifier (CID 244); highdicom has no arguments for either, so they are added to its items
+    here.
+    """
+    import highdicom as hd
+    from highdicom.sr import CodedConcept
+
+    regions = [tissue.anatomic_region.to_code()] if tissue.anatomic_region is not None else None
+    desc = hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=tissue.display_name,
+        segmented_property_category=tissue.category.to_code(),
+        segmented_property_type=tissue.property_type.to_code(),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+        anatomic_regions=regions,
+        display_color=hd.color.CIELabColor.from_rgb(*tissue.rgb),
+    )
+    if tissue.region_modifier is not None:
+        desc.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [
+            CodedConcept.from_code(tissue.region_modifier.to_code())
+        ]
+    if laterality is not None:
+        desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+            CodedConcept.from_code(LATERALITY[laterality].to_code())
+        ]
+    return desc
+
+
+def _check(volume: VolumeLike, labels: NDArray[Any]) -> NDArray[Any]:
+    labels = np.asarray(labels)
+    shape = tuple(np.shape(volume.image))
+    if labels.shape != shape:
+        raise ValueError(f"labels shape {labels.shape} differs from the image shape {shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
+    if labels.dtype != np.uint8:
+        if labels.size and (labels.min() < 0 or labels.max() > 255):
+            raise ValueError("labels must lie in 0..255")
+        labels = labels.astype(np.uint8)
+    if len(volume.sources) != shape[2]:
+        raise ValueError(f"{len(volume.sources)} source instances for {shape[2]} slices")
+    series = {str(ds.SeriesInstanceUID) for ds in volume.sources}
+    if len(series) != 1:
+        raise ValueError("the source instances belong to more than one series")
+    for k, ds in enumerate(volume.sources):
+        # Rows are along j and columns along i: a slice's 2D array is labels[:, :, k] transposed.
+        if (int(ds.Rows), int(ds.Columns)) != (shape[1], shape[0]):
+            raise ValueError(
+                f"source slice {k} is {ds.Rows}x{ds.Columns}, the labels are {shape[1]}x{shape[0]}"
+            )
+    return labels
+
+
+def fit_text(value: str, limit: int) -> str:
+    """Fit *value* into a DICOM LO/SH field of *limit* characters (backslash is the value separator).
+
+    Plain truncation: an ellipsis character would not encode in the source's character set (often Latin-1).
+    """
+    return value.replace("\\", "/")[:limit]
+
+
+def write_seg(
+    volume: VolumeLike,
+    labels: NDArray[Any],
+    model_name: str,
+    model_version: str,
+    out_path: str | Path,
+    *,
+    labelmap: bool = False,
+    content_creator: str = "OpenMSK Node",
+    device_serial_number: str = "1",
+) -> SegResult:
+    """Write the SEG of *labels* (canonical OpenMSK labels on the grid of *volume*) to *out_path*.
+
+    Parameters
+    ----------
+    volume: VolumeLike
+        The source series; its ``sources`` give the patient, study, frame of reference and per-slice geometry.
+    labels: numpy.ndarray
+        Integer label map, same shape and index order (i, j, k) as ``volume.image``. Values not in
+        :data:`openmsk.labels.TISSUES` are ignored.
+    model_name, model_version: str
+        Identify the algorithm (SegmentationAlgorithmIdentificationSequence) and take part in the UIDs.
+    out_path: str | pathlib.Path
+        Target file; written atomically (temporary file, then rename), parent folders created.
+    labelmap: bool
+        Write a Label Map Segmentation (one 8-bit frame per slice) instead of a BINARY one.
+    content_creator: str
+        ContentCreatorName (a person name in DICOM; the node names itself).
+
+    Returns
+    -------
+    SegResult
+        UIDs, tissue names in segment order and the path written.
+
+    Raises
+    ------
+    ValueError
+        When the labels do not match the volume, or no tissue of the table is present (a SEG needs a segment).
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    if not model_name or not model_version:
+        raise ValueError("model_name and model_version must be non-empty")
+    labels = _check(volume, labels)
+    source0 = volume.sources[0]
+
+    counts = np.bincount(labels.ravel(), minlength=256)
+    present = [t for value, t in TISSUES.items() if counts[value] > 0]
+    if not present:
+        raise ValueError("no tissue of the table is present in the labels: nothing to segment")
+    # Segment numbers are consecutive from 1 (the standard requires it), in label order; other values -> 0.
+    lut = np.zeros(256, dtype=np.uint8)
+    for number, tissue in enumerate(present, start=1):
+        lut[tissue.label] = number
+    # (i, j, k) -> (frame k, row j, column i), the frame layout highdicom expects. Contiguous, because
+    # highdicom compares every frame with every segment number: on strided frames that costs more than the
+    # copy.
+    pixels = np.ascontiguousarray(lut[labels].transpose(2, 1, 0))
+
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=fit_text(model_name, 64),
+        family=codes.DCM.ArtificialIntelligence,
+        version=fit_text(model_version, 64),
+        source=MANUFACTURER_MODEL_NAME,
+    )
+    laterality = knee_laterality(source0)
+    descriptions = [segment_description(n, t, algorithm, laterality) for n, t in enumerate(present, start=1)]
+
+    series_uid, sop_uid = seg_uids(
+        str(source0.SeriesInstanceUID), model_name, model_version, labelmap=labelmap
+    )
+    series_number = SEG_SERIES_NUMBER_OFFSET + int(source0.get("SeriesNumber", 0) or 0)
+    seg = hd.seg.Segmentation(
+        source_images=volume.sources,
+        pixel_array=pixels,
+        segmentation_type=(
+            hd.seg.SegmentationTypeValues.LABELMAP if labelmap else hd.seg.SegmentationTypeValues.BINARY
+        ),
+        segment_descriptions=descriptions,
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=MANUFACTURER_MODEL_NAME,
+        software_versions=__version__,
+        device_serial_number=device_serial_number,
+        content_label=CONTENT_LABEL,
+        content_description=fit_text(f"{model_name} {model_version} knee segmentation", 64),
+        content_creator_name=_person_name(content_creator),
+        series_description=fit_text(f"OpenMSK knee segmentation ({model_name} {model_version})", 64),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        # Empty frames carry nothing; leaving them out is most of the size and time saved on a knee.
+        omit_empty_frames=True,
+    )
+    # General Series attribute that highdicom does not copy; PACS routing rules and viewers' hanging protocols
+    # use it.
+    if source0.get("BodyPartExamined"):
+        seg.BodyPartExamined = source0.BodyPartExamined
+    path = save_dataset(seg, out_path)
+    return SegResult(
+        series_uid=series_uid,
+        sop_uid=sop_uid,
+        segments=[t.name for t in present],
+        path=path,
+        segment_numbers={t.name: n for n, t in enumerate(present, start=1)},
+        labelmap=labelmap,
+    )
+
+
+def save_dataset(dataset: Dataset, out_path: str | Path) -> Path:
+    """Write *dataset* as a DICOM file atomically: a reader never sees half a file under the final name."""
+    path = Path(out_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            dataset.save_as(fh, enforce_file_format=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def segment_numbers(seg: Dataset) -> dict[str, int]:
+    """Tissue name -> segment number of a SEG written by :func:`write_seg` (matched by segment label)."""
+    by_display = {t.display_name: t.name for t in TISSUES.values()}
+    out: dict[str, int] = {}
+    for item in seg.SegmentSequence:
+        name = by_display.get(str(item.SegmentLabel))
+        if name is not None:
+            out[name] = int(item.SegmentNumber)
+    return out
+
+
+def _person_name(name: str) -> str:
+    """A PN for a program: one family-name component; the trailing caret says that is on purpose."""
+    name = fit_text(name.strip() or MANUFACTURER_MODEL_NAME, 63)
+    return name if "^" in name else name + "^"

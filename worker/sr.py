@@ -1,0 +1,263 @@
+"""DICOM SR Measurement Report (TID 1500) of the knee measurements, next to the SEG in the PACS.
+
+One TID 1411 "Volumetric ROI Measurements" group per measured tissue. Each group references its segment of the
+SEG (and through it the source series), names the tissue with the SEG's codes (finding type = segmented
+property type, finding site = anatomic region with laterality and medial/lateral modifier) and holds:
+
+* Volume (SCT 118565006) in mm3, for every tissue;
+* Thickness (LOINC 59089-3) in mm for every cartilage sheet, four times, with the derivations Mean
+  (SCT 373098007), Median (SCT 373099004), Standard Deviation (SCT 386136009) and 95th percentile
+  (SCT 371889001).
+
+The document is a Comprehensive 3D SR (what TID 1500 readers such as dcmqi and OHIF expect), marked complete
+and unverified: it is an automatic result that no person has signed. Its UIDs are derived like the SEG's, so a
+rerun replaces it in the PACS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from openmsk import __version__
+from openmsk.labels import BY_NAME, LATERALITY, CodedTerm, Tissue
+from worker.seg import (
+    MANUFACTURER,
+    MANUFACTURER_MODEL_NAME,
+    VolumeLike,
+    fit_text,
+    knee_laterality,
+    save_dataset,
+)
+from worker.seg import segment_numbers as seg_segment_numbers
+from worker.uids import derive_uid
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+__all__ = [
+    "CODE_95TH_PERCENTILE",
+    "CODE_THICKNESS",
+    "CODE_VOLUME",
+    "SR_SERIES_NUMBER_OFFSET",
+    "THICKNESS_STATISTICS",
+    "SrResult",
+    "sr_uids",
+    "write_sr",
+]
+
+SR_SERIES_NUMBER_OFFSET = 2000  # SR series number = source series number + this (the SEG uses 1000)
+CODE_VOLUME = CodedTerm("118565006", "Volume")
+CODE_THICKNESS = CodedTerm("59089-3", "Thickness", "LN")
+CODE_95TH_PERCENTILE = CodedTerm("371889001", "95th percentile")
+# Key in the analysis' thickness dict -> derivation (CID 7464, plus the 95th percentile).
+THICKNESS_STATISTICS: dict[str, CodedTerm] = {
+    "mean": CodedTerm("373098007", "Mean"),
+    "median": CodedTerm("373099004", "Median"),
+    "std": CodedTerm("386136009", "Standard Deviation"),
+    "p95": CODE_95TH_PERCENTILE,
+}
+_PROCEDURE = CodedTerm("363679005", "Imaging procedure")
+_UNIT_MM3 = CodedTerm("mm3", "cubic millimeter", "UCUM")
+_UNIT_MM = CodedTerm("mm", "millimeter", "UCUM")
+_ANALYSIS_NAME = "OpenMSK knee analysis"
+
+
+@dataclass(frozen=True)
+class SrResult:
+    """What :func:`write_sr` wrote: UIDs, the path and the tissues that got a measurement group, in order."""
+
+    series_uid: str
+    sop_uid: str
+    path: Path | None = None
+    tissues: tuple[str, ...] = ()
+
+
+def sr_uids(source_series_uid: str, model_name: str, model_version: str) -> tuple[str, str]:
+    """(SeriesInstanceUID, SOPInstanceUID) of the measurement report for a model run on a source series."""
+    return (
+        derive_uid(source_series_uid, model_name, model_version, "sr", "series"),
+        derive_uid(source_series_uid, model_name, model_version, "sr", "instance"),
+    )
+
+
+def _load_seg(seg: str | Path | Dataset) -> Dataset:
+    from pydicom import dcmread
+    from pydicom.dataset import Dataset
+
+    if isinstance(seg, Dataset):
+        return seg
+    # The SR needs the SEG's identity and segment table only, not its frames.
+    return dcmread(str(seg), stop_before_pixels=True)
+
+
+def _round(value: float, digits: int) -> float:
+    # DS holds 16 characters: round so that the stored text is the value, not a truncation of it.
+    return float(round(float(value), digits))
+
+
+def _group(
+    tissue: Tissue,
+    entry: dict[str, Any],
+    seg: Dataset,
+    segment_number: int,
+    source_series_uid: str,
+    laterality: str | None,
+    tracking_uid: str,
+    model_algorithm: Any,
+    analysis_algorithm: Any,
+) -> Any:
+    import highdicom as hd
+
+    site_kwargs: dict[str, Any] = {}
+    if laterality is not None:
+        site_kwargs["laterality"] = LATERALITY[laterality].to_code()
+    if tissue.region_modifier is not None:
+        site_kwargs["topographical_modifier"] = tissue.region_modifier.to_code()
+    location = tissue.anatomic_region or tissue.property_type
+    finding_sites = [hd.sr.FindingSite(anatomic_location=location.to_code(), **site_kwargs)]
+
+    measurements = [
+        hd.sr.Measurement(
+            name=CODE_VOLUME.to_code(),
+            value=_round(entry["volume_mm3"], 3),
+            unit=_UNIT_MM3.to_code(),
+            algorithm_id=analysis_algorithm,
+        )
+    ]
+    thickness = entry.get("thickness_mm")
+    if tissue.is_cartilage and thickness:
+        for key, derivation in THICKNESS_STATISTICS.items():
+            measurements.append(
+                hd.sr.Measurement(
+                    name=CODE_THICKNESS.to_code(),
+                    value=_round(thickness[key], 4),
+                    unit=_UNIT_MM.to_code(),
+                    derivation=derivation.to_code(),
+                    algorithm_id=analysis_algorithm,
+                )
+            )
+    referenced = hd.sr.ReferencedSegment(
+        sop_class_uid=str(seg.SOPClassUID),
+        sop_instance_uid=str(seg.SOPInstanceUID),
+        segment_number=segment_number,
+        source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid),
+    )
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=tissue.display_name),
+        referenced_segment=referenced,
+        finding_type=tissue.property_type.to_code(),
+        finding_category=tissue.category.to_code(),
+        finding_sites=finding_sites,
+        algorithm_id=model_algorithm,
+        measurements=measurements,
+    )
+
+
+def write_sr(
+    seg_path_or_dataset: str | Path | Dataset,
+    volume: VolumeLike,
+    measurements: dict[str, Any],
+    model_name: str,
+    model_version: str,
+    out_path: str | Path,
+) -> SrResult:
+    """Write the TID 1500 measurement report of *measurements* (from :func:`worker.analysis.analyse`).
+
+    Parameters
+    ----------
+    seg_path_or_dataset: str | pathlib.Path | pydicom.Dataset
+        The SEG written by :func:`worker.seg.write_seg` for the same labels; the groups reference its
+        segments.
+    volume: VolumeLike
+        The source series (its first instance gives the series UID and the knee's laterality).
+    measurements: dict
+        ``analyse()`` output: ``tissues`` keyed by tissue name with ``volume_mm3`` and, for cartilage,
+        ``thickness_mm``.
+    model_name, model_version: str
+        The segmentation model; takes part in the UIDs and is the groups' algorithm identification.
+    out_path: str | pathlib.Path
+        Target file, written atomically.
+
+    Raises
+    ------
+    ValueError
+        When the SEG was not made from this series, or a measured tissue has no segment in the SEG (a
+        measurement group must reference its region).
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    if not model_name or not model_version:
+        raise ValueError("model_name and model_version must be non-empty")
+    seg = _load_seg(seg_path_or_dataset)
+    source0 = volume.sources[0]
+    source_series_uid = str(source0.SeriesInstanceUID)
+    referenced_series = {str(item.SeriesInstanceUID) for item in seg.get("ReferencedSeriesSequence", [])}
+    if referenced_series and source_series_uid not in referenced_series:
+        raise ValueError("the SEG does not reference the source series of this volume")
+    numbers = seg_segment_numbers(seg)
+    laterality = knee_laterality(source0)
+
+    tissues = measurements.get("tissues", {})
+    unknown = sorted(set(tissues) - set(BY_NAME))
+    if unknown:
+        raise ValueError(f"unknown tissues in the measurements: {unknown}")
+    missing = sorted(name for name in tissues if name not in numbers)
+    if missing:
+        raise ValueError(f"tissues measured but not segmented in the SEG: {missing}")
+    if not tissues:
+        raise ValueError("no measurements to report")
+
+    model_algorithm = hd.sr.AlgorithmIdentification(
+        name=fit_text(model_name, 64), version=fit_text(model_version, 64)
+    )
+    analysis_algorithm = hd.sr.AlgorithmIdentification(name=_ANALYSIS_NAME, version=__version__)
+    ordered = sorted(tissues, key=lambda name: BY_NAME[name].label)
+    groups = [
+        _group(
+            BY_NAME[name],
+            tissues[name],
+            seg,
+            numbers[name],
+            source_series_uid,
+            laterality,
+            derive_uid(source_series_uid, model_name, model_version, "tracking", name),
+            model_algorithm,
+            analysis_algorithm,
+        )
+        for name in ordered
+    ]
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=derive_uid("device", MANUFACTURER_MODEL_NAME),
+            name=MANUFACTURER_MODEL_NAME,
+            manufacturer_name=MANUFACTURER,
+            model_name=MANUFACTURER_MODEL_NAME,
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=_PROCEDURE.to_code(),
+        imaging_measurements=groups,
+    )
+    series_uid, sop_uid = sr_uids(source_series_uid, model_name, model_version)
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[seg],
+        content=report,
+        series_instance_uid=series_uid,
+        series_number=SR_SERIES_NUMBER_OFFSET + int(source0.get("SeriesNumber", 0) or 0),
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=fit_text(f"OpenMSK knee measurements ({model_name} {model_version})", 64),
+        manufacturer_model_name=MANUFACTURER_MODEL_NAME,
+        software_versions=__version__,
+    )
+    path = save_dataset(sr, out_path)
+    return SrResult(series_uid=series_uid, sop_uid=sop_uid, path=path, tissues=tuple(ordered))
