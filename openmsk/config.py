@@ -68,6 +68,49 @@ class Settings(BaseSettings):
         "127.0.0.1", description="the address the web server listens on (a reverse proxy fronts it in production)"
     )
     web_port: Port = Field(8000, description="a TCP port (1-65535) for the web server")
+    # --- SCP ---
+    scp_allowed_calling_aes: str = Field(
+        "",
+        description="comma-separated calling AE titles allowed to associate, each optionally bound to "
+        "addresses as AE@IP or AE@CIDR (repeat an AE for more addresses); empty: any calling AE",
+    )
+    scp_max_associations: int = Field(
+        10,
+        ge=1,
+        description="associations (>= 1) the SCP serves at once; more are rejected as local-limit-exceeded",
+    )
+    scp_tls_cert: Path | None = Field(
+        None, description="a PEM certificate file; with OPENMSK_SCP_TLS_KEY the SCP accepts DICOM TLS only"
+    )
+    scp_tls_key: Path | None = Field(None, description="the PEM private key file of OPENMSK_SCP_TLS_CERT")
+    scp_tls_ca: Path | None = Field(
+        None, description="a PEM file of CA certificates that TLS client certificates must chain to"
+    )
+    scp_tls_require_client_cert: bool = Field(
+        False,
+        description="true or false: with TLS, reject clients without a certificate from OPENMSK_SCP_TLS_CA",
+    )
+    scp_network_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="seconds (> 0) the SCP waits on a silent peer before it aborts the association",
+    )
+    series_quiet_s: float = Field(
+        2.0,
+        gt=0,
+        description="seconds (> 0) with no new instance, after the sending association was released, "
+        "before a series counts as complete",
+    )
+    series_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="seconds (> 0, >= OPENMSK_SERIES_QUIET_S) with no new instance before a series counts as "
+        "complete even while associations stay open",
+    )
+    routing_rules: Path = Field(
+        REPO_DIR / "scp" / "routing.toml",
+        description="a TOML file of routing rules: which series go to which models and destinations",
+    )
     api_tokens: CsvList = Field(
         default_factory=list, description="comma-separated bearer tokens accepted by the HTTP API"
     )
@@ -86,6 +129,35 @@ class Settings(BaseSettings):
     )
     min_free_disk_mb: int = Field(
         1024, ge=0, description="megabytes (>= 0) of free space under DATA_DIR below which the node is degraded"
+    )
+    destinations: Path | None = Field(
+        None, description="a TOML file of result destinations (DICOM AEs, DICOMweb); `orthanc` is always defined"
+    )
+    job_time_limit_s: int = Field(1800, gt=0, description="seconds (> 0) a job may run before it is stopped")
+    # --- web ---
+    max_upload_mb: int = Field(
+        600, gt=0, description="megabytes (> 0) one upload may hold; a larger one is cut off with HTTP 413"
+    )
+    max_unzipped_mb: int = Field(
+        4096, gt=0, description="megabytes (> 0) an uploaded zip may expand to (zip-bomb cap)"
+    )
+    retention_hours: float = Field(
+        72, gt=0, description="hours (> 0) uploads and job outputs are kept after their job ends"
+    )
+    upload_rate_limit: int = Field(
+        10, gt=0, description="uploads (> 0) one client may start per minute; more get HTTP 429"
+    )
+    web_users: str = Field(
+        "",
+        description="comma-separated user:password-hash pairs for the web pages "
+        "(hash from `openmsk web --hash-password`); empty: sign in with an API token",
+    )
+    secret_key: str | None = Field(
+        None,
+        description="a long random string that signs web sessions; unset: generated under DATA_DIR/secrets",
+    )
+    web_secure_cookies: bool = Field(
+        False, description="true or false: mark the session cookie Secure (set it when HTTPS fronts the web)"
     )
 
     @field_validator("api_tokens", "available_models", mode="before")

@@ -15,7 +15,7 @@ import requests
 
 from openmsk.config import Settings
 from openmsk.heartbeat import live_workers
-from openmsk.models.registry import model_statuses
+from openmsk.models.registry import RegistryError, model_statuses
 
 AVAILABLE = "available"
 
@@ -59,7 +59,10 @@ def check_health(settings: Settings, client: redis.Redis) -> dict[str, Any]:
     data = settings.data_path
     free = shutil.disk_usage(data if data.exists() else data.parent).free
     disk_ok = free >= settings.min_free_disk_mb * 1024 * 1024
-    models = model_statuses(settings)
+    try:
+        models = model_statuses(settings)
+    except RegistryError as exc:
+        models = [{"name": None, "status": f"registry unusable: {exc}"}]
 
     if redis_state != AVAILABLE:
         status = "unhealthy"

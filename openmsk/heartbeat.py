@@ -16,6 +16,8 @@ from typing import Any
 import redis
 
 KEY_PREFIX = "openmsk:worker:"
+# Ids of workers that have beaten; readers look up only these keys instead of scanning the keyspace.
+MEMBERS = "openmsk:workers"
 INTERVAL_S = 5.0
 
 
@@ -26,19 +28,29 @@ def worker_id() -> str:
 def beat(client: redis.Redis, ident: str, info: dict[str, Any], ttl_s: float) -> None:
     """Write one heartbeat; the key expires on its own so dead workers leave nothing behind."""
     record = {**info, "id": ident, "ts": time.time()}
-    client.set(KEY_PREFIX + ident, json.dumps(record), px=int(ttl_s * 2000))
+    with client.pipeline() as pipe:
+        pipe.set(KEY_PREFIX + ident, json.dumps(record), px=int(ttl_s * 2000))
+        pipe.sadd(MEMBERS, ident)
+        pipe.execute()
 
 
 def remove(client: redis.Redis, ident: str) -> None:
-    client.delete(KEY_PREFIX + ident)
+    with client.pipeline() as pipe:
+        pipe.delete(KEY_PREFIX + ident)
+        pipe.srem(MEMBERS, ident)
+        pipe.execute()
 
 
 def live_workers(client: redis.Redis, stale_s: float) -> list[dict[str, Any]]:
     """Records of workers whose last heartbeat is younger than ``stale_s`` seconds, sorted by id."""
     now = time.time()
-    keys = list(client.scan_iter(match=KEY_PREFIX + "*", count=100))
-    records = [json.loads(raw) for raw in client.mget(keys) if raw] if keys else []
-    return sorted((r for r in records if now - r.get("ts", 0) < stale_s), key=lambda r: r["id"])
+    idents = sorted(i.decode() for i in client.smembers(MEMBERS))
+    raws = client.mget([KEY_PREFIX + i for i in idents]) if idents else []
+    gone = [ident for ident, raw in zip(idents, raws, strict=True) if raw is None]
+    if gone:
+        client.srem(MEMBERS, *gone)  # their keys expired: the workers died without saying goodbye
+    records = [json.loads(raw) for raw in raws if raw]
+    return [r for r in records if now - r.get("ts", 0) < stale_s]
 
 
 class Heartbeat:

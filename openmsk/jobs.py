@@ -122,6 +122,7 @@ class Job(BaseModel):
     sop_uids: list[str] = Field(default_factory=list)
     model: str
     priority: Literal["urgent", "default"] = "default"
+    destinations: list[str] = Field(default_factory=list, description="destination names from the routing rule")
     input_path: str = Field(description="folder or file of the input, relative to DATA_DIR")
     state: JobState = JobState.RECEIVED
     stage: str | None = None
@@ -131,6 +132,7 @@ class Job(BaseModel):
     state_times: dict[str, float] = Field(default_factory=dict)
     stages: dict[str, StageTiming] = Field(default_factory=dict)
     attempts: int = 0
+    worker: str | None = Field(None, description="id of the worker that ran the latest attempt")
     error: JobError | None = None
     files: list[str] = Field(default_factory=list)
     deliveries: dict[str, Delivery] = Field(default_factory=dict)

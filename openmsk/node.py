@@ -7,9 +7,7 @@ that crashes is restarted; Ctrl-C or SIGTERM stops every child within 10 s and l
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -22,30 +20,12 @@ from openmsk.config import Settings, env_name
 from openmsk.managed.orthanc import ORTHANC_DIR, ManagedOrthanc, orthanc_binary
 from openmsk.managed.process import spawn, stop_all
 from openmsk.managed.redis import ManagedRedis
+from openmsk.stored_secrets import ensure_api_token, orthanc_credentials
 
 SERVICES = ("scp", "worker", "web")
 NODE_MODALITY = "openmsk"  # the node's name in Orthanc's DicomModalities
 RESTART_LIMIT = 5  # crashes of one service within RESTART_WINDOW_S before the node gives up
 RESTART_WINDOW_S = 60.0
-
-
-def orthanc_credentials(settings: Settings) -> tuple[str, str, bool]:
-    """The managed Orthanc's user and password: from settings, else generated once and kept under DATA_DIR.
-
-    Returns ``(user, password, generated)`` where ``generated`` says the values came from the node.
-    """
-    if settings.orthanc_user and settings.orthanc_password:
-        return settings.orthanc_user, settings.orthanc_password, False
-    path = settings.data_path / "secrets" / "orthanc.json"
-    if path.exists():
-        stored = json.loads(path.read_text())
-        return settings.orthanc_user or stored["user"], settings.orthanc_password or stored["password"], True
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    user, password = settings.orthanc_user or "openmsk", settings.orthanc_password or secrets.token_urlsafe(18)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump({"user": user, "password": password}, handle)
-    return user, password, True
 
 
 @dataclass
@@ -101,7 +81,7 @@ class Node:
             self._set("orthanc_url", self.orthanc.url)
             self._set("orthanc_user", user)
             self._set("orthanc_password", password)
-            made = " (generated, kept in DATA_DIR/secrets/orthanc.json)" if generated else ""
+            made = " (generated, kept in DATA_DIR/secrets/orthanc_password)" if generated else ""
             lines.append(
                 f"  Orthanc  {self.orthanc.url}  DICOM {s.orthanc_aet}@{s.orthanc_dicom_port}  "
                 f"user {user!r} password {password!r}{made}"
@@ -132,6 +112,9 @@ class Node:
             print(line, flush=True)
         print(f"  SCP      {s.scp_ae_title}@{s.scp_host}:{s.scp_port}", flush=True)
         print(f"  Web      http://{s.web_host}:{s.web_port}  (health: /health)", flush=True)
+        token, generated = ensure_api_token(s)
+        if generated:
+            print(f"  API      token {token!r} (generated, kept in DATA_DIR/secrets/api_token)", flush=True)
         print(f"  Worker   1 process, device {s.device}", flush=True)
         print("Press Ctrl-C to stop.", flush=True)
 

@@ -12,7 +12,12 @@ from openmsk.jobs import Job
 
 NAMESPACE = "openmsk"
 SEGMENT_ACTOR = "segment_job"
+SEGMENT_URGENT_ACTOR = "segment_job_urgent"
+DELIVER_ACTOR = "deliver_job"
 QUEUES = ("urgent", "default")
+# Dramatiq orders a worker's pending messages by actor priority (lower first), not by queue: urgent jobs go to an
+# actor of their own so a worker that holds one of each takes the urgent one first.
+SEGMENT_ACTORS = {"urgent": SEGMENT_URGENT_ACTOR, "default": SEGMENT_ACTOR}
 
 # A worker killed with SIGKILL stops heart-beating; after HEARTBEAT_TIMEOUT_MS another worker's maintenance pass
 # puts its unacked messages back. Dramatiq's defaults (60 s, 1 % maintenance chance) can hold a job for minutes.
@@ -36,7 +41,7 @@ def enqueue_job(broker: RedisBroker, job: Job) -> str:
     """Send the message that makes a worker run ``job``; returns the message id."""
     message = dramatiq.Message(
         queue_name=job.priority,
-        actor_name=SEGMENT_ACTOR,
+        actor_name=SEGMENT_ACTORS[job.priority],
         args=(job.id,),
         kwargs={},
         options={},

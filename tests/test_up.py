@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -39,15 +38,21 @@ def test_up_starts_healthy_and_stops_cleanly(tmp_path: Path) -> None:
         assert f"http://127.0.0.1:{ports['web']}" in printed and f"OPENMSK@127.0.0.1:{ports['scp']}" in printed
 
         # The generated Orthanc credentials: printed, kept, and the only way into Orthanc.
-        stored = json.loads((tmp_path / "data" / "secrets" / "orthanc.json").read_text())
-        assert stored["password"] in printed
+        secrets = tmp_path / "data" / "secrets"
+        auth = ("openmsk", (secrets / "orthanc_password").read_text().strip())
+        assert auth[1] in printed
         orthanc = f"http://127.0.0.1:{ports['orthanc_http']}"
         assert requests.get(f"{orthanc}/system", timeout=5).status_code == 401
-        system = requests.get(f"{orthanc}/system", auth=(stored["user"], stored["password"]), timeout=5)
-        assert system.status_code == 200
-        modalities = requests.get(f"{orthanc}/modalities?expand", auth=(stored["user"], stored["password"]), timeout=5)
+        assert requests.get(f"{orthanc}/system", auth=auth, timeout=5).status_code == 200
+        modalities = requests.get(f"{orthanc}/modalities?expand", auth=auth, timeout=5)
         assert modalities.json()["openmsk"]["AET"] == "OPENMSK"
         assert (tmp_path / "data" / "redis" / "appendonlydir").is_dir()  # AOF persistence is on
+        # No token configured: the node made one, printed it, and the API accepts it (and nothing else).
+        token = (secrets / "api_token").read_text().strip()
+        assert token in printed
+        api = f"http://127.0.0.1:{ports['web']}/api/models"
+        assert requests.get(api, timeout=5).status_code == 401
+        assert requests.get(api, headers={"Authorization": f"Bearer {token}"}, timeout=5).status_code == 200
         print(f"node healthy after {took:.1f} s")
 
         children = descendants(node.pid)

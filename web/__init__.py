@@ -1,4 +1,12 @@
-"""The web room: a Flask app factory with blueprints — health now; upload, jobs and results build on it."""
+"""The web room: a Flask app factory with blueprints, served by waitress (``web.server``).
+
+Blueprints, one responsibility each: ``health`` (``/health``) and ``metrics`` (``/metrics``), open to
+monitoring; ``api`` (``/api/...``, JSON, bearer token or session) and ``pages`` (HTML, signed-in session).
+Cross-cutting pieces live in their own modules: ``auth`` (tokens, sign-in, CSRF), ``security`` (headers, rate
+limits), ``errors`` (JSON or a page for every error, never a traceback), ``upload`` (streaming and
+validation), ``stats`` and ``jobview`` (what a job and the queue look like), ``retention`` (periodic cleanup,
+run by the server).
+"""
 
 from __future__ import annotations
 
@@ -6,18 +14,39 @@ import redis
 from flask import Flask
 
 from openmsk.config import Settings, load_settings
+from openmsk.jobs import JobStore
+from openmsk.queue import make_broker
+from web.api import api as api_blueprint
+from web.auth import init_auth
+from web.errors import register_error_handlers
+from web.health import health as health_blueprint
+from web.metrics import metrics as metrics_blueprint
+from web.pages import pages as pages_blueprint
+from web.security import register_security_headers
+from web.stats import RecentDurations
 
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the web app for ``settings`` (read from the environment when not given)."""
     settings = settings or load_settings()
     if settings.redis_url is None:
-        raise RuntimeError("OPENMSK_REDIS_URL must be set for `openmsk web` (`openmsk up` manages Redis itself)")
+        raise RuntimeError(
+            "OPENMSK_REDIS_URL must be set for `openmsk web` (`openmsk up` manages Redis itself)"
+        )
     app = Flask(__name__)
-    app.config["OPENMSK_SETTINGS"] = settings
-    app.extensions["openmsk_redis"] = redis.Redis.from_url(settings.redis_url, socket_timeout=2)
-
-    from web.health import health
-
-    app.register_blueprint(health)
+    app.config.update(OPENMSK_SETTINGS=settings, DEBUG=False, PROPAGATE_EXCEPTIONS=False)
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    store = JobStore(client)
+    app.extensions.update(
+        openmsk_redis=client,
+        openmsk_store=store,
+        openmsk_broker=make_broker(settings.redis_url),
+        openmsk_durations=RecentDurations(store),
+    )
+    init_auth(app, settings)
+    register_security_headers(app, hsts=settings.web_secure_cookies)
+    register_error_handlers(app)
+    # Aliased: the package's own attributes `web.api` etc. must stay the modules.
+    for blueprint in (health_blueprint, metrics_blueprint, api_blueprint, pages_blueprint):
+        app.register_blueprint(blueprint)
     return app

@@ -1,0 +1,210 @@
+"""The HTML pages: sign-in, upload, the jobs list with its stats panel, and the job page.
+
+The pages render on the server from the same views the API answers (``web.api``); their scripts only add the
+upload progress and the live job progress, by calling the API with the session cookie and the CSRF header.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from flask import Blueprint, current_app, g, redirect, render_template, request, url_for
+from flask.typing import ResponseReturnValue
+from werkzeug.datastructures import MultiDict
+
+from openmsk.jobs import JobState
+from web import api, jobview, upload
+from web.auth import (
+    CSRF_FIELD,
+    SAFE_METHODS,
+    check_csrf,
+    client_key,
+    credentials,
+    login_session,
+    logout_session,
+    session_principal,
+)
+from web.errors import RequestError
+from web.security import check_rate
+from web.stats import node_stats
+
+pages = Blueprint("pages", __name__)
+
+PUBLIC_ENDPOINTS = {"pages.login"}
+LOGIN_RATE_LIMIT = 10  # sign-in attempts per client per minute
+
+
+@pages.before_request
+def require_login() -> ResponseReturnValue | None:
+    """Pages need a signed-in session; forms (other than the multipart upload) need their CSRF token."""
+    if request.method not in SAFE_METHODS and request.mimetype != "multipart/form-data":
+        check_csrf(request.form.get(CSRF_FIELD))
+    if request.endpoint in PUBLIC_ENDPOINTS:
+        return None
+    principal = session_principal()
+    if principal is None:
+        return redirect(url_for("pages.login", next=request.full_path.rstrip("?")))
+    g.principal = principal
+    return None
+
+
+def _safe_next(target: str | None) -> str:
+    """Only a path on this site (no scheme, no host, no ``//``) may be the target after signing in."""
+    unsafe = not target or not target.startswith("/") or target.startswith(("//", "/\\"))
+    return url_for("pages.upload_page") if unsafe or urlsplit(target).netloc else target
+
+
+@pages.route("/login", methods=["GET", "POST"])
+def login() -> ResponseReturnValue:
+    error = None
+    if request.method == "POST":
+        check_rate(api.store().redis, "sign-in", request.remote_addr or "?", LOGIN_RATE_LIMIT)
+        principal = credentials().login(
+            request.form.get("user", "").strip(), request.form.get("password", "")
+        )
+        if principal is not None:
+            login_session(principal)
+            return redirect(_safe_next(request.form.get("next")))
+        error = "Wrong user name or password."
+    users = bool(credentials().users)
+    status = 401 if error else 200
+    return render_template("login.html", error=error, users=users, next=request.args.get("next", "")), status
+
+
+@pages.post("/logout")
+def logout() -> ResponseReturnValue:
+    logout_session()
+    return redirect(url_for("pages.login"))
+
+
+def _models() -> tuple[list[dict[str, Any]], str | None]:
+    try:
+        return upload.offered_models(api.settings()), None
+    except RequestError as exc:
+        return [], exc.message
+
+
+@pages.get("/")
+def upload_page() -> ResponseReturnValue:
+    models, models_error = _models()
+    return render_template(
+        "upload.html", models=models, models_error=models_error, max_upload_mb=api.settings().max_upload_mb
+    )
+
+
+@pages.post("/upload")
+def upload_form() -> ResponseReturnValue:
+    """The upload form without scripts: the same submission as ``POST /api/jobs``, answered with pages."""
+    check_rate(api.store().redis, "upload", client_key(), api.settings().upload_rate_limit)
+
+    def check_form(form: MultiDict[str, str]) -> None:
+        check_csrf(form.get(CSRF_FIELD))
+
+    try:
+        job = upload.submit(
+            request.environ, api.settings(), api.store(), current_app.extensions["openmsk_broker"], check_form
+        )
+    except RequestError as exc:
+        models, models_error = _models()
+        page = render_template(
+            "upload.html",
+            models=models,
+            models_error=models_error,
+            max_upload_mb=api.settings().max_upload_mb,
+            error=exc,
+            series=exc.extra.get("series", []),
+        )
+        return page, exc.status
+    return redirect(url_for("pages.job", job_id=job.id), 303)
+
+
+@pages.get("/jobs")
+def jobs() -> ResponseReturnValue:
+    state = api.parse_state(request.args.get("state"))
+    listing = api.job_page(state, api.parse_page("page", 1), api.PER_PAGE)
+    stats = node_stats(api.store(), api.store().redis, api.durations(), api.settings().worker_stale_s)
+    return render_template("jobs.html", listing=listing, stats=stats, states=[s.value for s in JobState])
+
+
+@pages.get("/jobs/<job_id>")
+def job(job_id: str) -> ResponseReturnValue:
+    record = api.load_job(job_id)
+    detail = api.job_detail(record)
+    report = jobview.read_report(record, api.settings()) if record.state is JobState.DONE else None
+    files = {row["name"]: row for row in detail["files"]}
+    downloads = [(files[name], label) for name, label in jobview.DOWNLOADS if name in files]
+    orthanc = record.deliveries.get("orthanc")
+    return render_template(
+        "job.html",
+        job=record,
+        detail=detail,
+        measurements=jobview.measurement_rows(report) if report else [],
+        report=report,
+        preview=files.get("preview.png"),
+        downloads=downloads,
+        orthanc_link=bool(
+            record.study_uid and api.settings().orthanc_url and orthanc and orthanc.status == "done"
+        ),
+        retention_hours=api.settings().retention_hours,
+    )
+
+
+@pages.get("/jobs/<job_id>/orthanc")
+def orthanc_study(job_id: str) -> ResponseReturnValue:
+    """Redirect to the job's study in Orthanc Explorer (looked up by StudyInstanceUID)."""
+    record = api.load_job(job_id)
+    settings = api.settings()
+    if not record.study_uid or not settings.orthanc_url:
+        raise RequestError(404, "NOT_IN_ORTHANC", "This job has no study in Orthanc.")
+    auth = (settings.orthanc_user, settings.orthanc_password) if settings.orthanc_user else None
+    try:
+        response = requests.post(
+            f"{settings.orthanc_url}/tools/lookup", data=record.study_uid, auth=auth, timeout=5
+        )
+        response.raise_for_status()
+        found = [item["ID"] for item in response.json() if item.get("Type") == "Study"]
+    except (requests.RequestException, ValueError, KeyError, TypeError):
+        raise RequestError(
+            502, "ORTHANC_UNAVAILABLE", "Orthanc did not answer.", "Try again shortly."
+        ) from None
+    if not found:
+        raise RequestError(404, "NOT_IN_ORTHANC", "Orthanc does not hold this study (any more).")
+    return redirect(f"{settings.orthanc_url}/app/explorer.html#study?uuid={found[0]}")
+
+
+@pages.app_template_filter("when")
+def when(timestamp: float | None) -> str:
+    """A timestamp as the node's local date and time."""
+    if timestamp is None:
+        return ""
+    return datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M")
+
+
+@pages.app_template_filter("duration")
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    if seconds < 60:
+        return f"{seconds:.0f} s" if float(seconds).is_integer() else f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+@pages.app_template_filter("number")
+def number(value: object, digits: int = 1) -> str:
+    """A measurement with thousands separators; an absent value as a dash."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return "—"
+    return f"{value:,.{digits}f}"
+
+
+@pages.app_template_filter("filesize")
+def filesize(size: int) -> str:
+    for unit in ("B", "KB", "MB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024  # type: ignore[assignment]
+    return f"{size:.1f} GB"
