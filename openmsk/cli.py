@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "web.cli",
     "openmsk.phantom.cli",
     "openmsk.models.cli",
+    "openmsk.orthanc_query",
 )
 
 
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # highdicom logs every attribute module it copies at INFO: noise in a node's log.
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

@@ -22,6 +22,8 @@ from pydantic import BaseModel, Field, field_validator
 KEY_PREFIX = "openmsk:job:"
 INDEX_ALL = "openmsk:jobs"
 INDEX_STATE = "openmsk:jobs:state:"
+# Hash naming the newest job of a (series, model): written by the SCP, read by the worker to skip stale jobs.
+LATEST_PREFIX = "openmsk:series-latest:"
 
 
 class JobState(StrEnum):
@@ -58,6 +60,7 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_GEOMETRY = "UNSUPPORTED_GEOMETRY"
     MODEL_ERROR = "MODEL_ERROR"
     SEGMENTATION_FAILED = "SEGMENTATION_FAILED"
+    SUPERSEDED = "SUPERSEDED"
     ANALYSIS_FAILED = "ANALYSIS_FAILED"
     DELIVERY_FAILED = "DELIVERY_FAILED"
     CONFIG_ERROR = "CONFIG_ERROR"
@@ -275,3 +278,22 @@ def set_state(job: Job, state: JobState) -> None:
         job.error = None
     job.state = state
     job.state_times[state.value] = time.time()
+
+
+def latest_key(job: Job) -> str:
+    return f"{LATEST_PREFIX}{job.series_uid}:{job.model}"
+
+
+def superseded_by(client: redis.Redis, job: Job) -> str | None:
+    """The id of a newer job of the same (series, model) that supersedes ``job``; None when it is the latest.
+
+    Instances that arrive after a series' job was queued start a new job covering every instance; the older
+    job is then superseded and a worker skips it.
+    """
+    if not job.series_uid:
+        return None
+    latest = client.hget(latest_key(job), "job")
+    if latest is None:
+        return None
+    latest_id = latest.decode()
+    return None if latest_id == job.id else latest_id

@@ -1,0 +1,273 @@
+"""Ingest speed of the node's SCP against dcmtk's ``storescp``, and how fast a received series becomes a job.
+
+The same instances (default 500 × 512×512 16-bit MR, one 3D knee series) are sent with dcmtk ``storescu`` (one
+association, like a scanner) to the node's SCP (``python -m scp``, its own process, as in production) and to
+``storescp`` writing to the same disk, alternating, several rounds; both peers run with ``TCP_NODELAY=1``.
+Printed: instances/s and MB/s of each (median round), the ratio node/storescp (target ≥ 0.8; a plain
+pynetdicom handler measures ~0.25 here), and the completion latency: storescu's exit (last instance
+acknowledged, association released) → the job is QUEUED in Redis, which includes ``OPENMSK_SERIES_QUIET_S``
+(2 s by default).
+
+Mind the difference in work: the node fsyncs every file and its folder before it answers; storescp does not.
+
+    .venv/bin/python bench/ingest.py [--instances 500] [--rounds 3] [--profile]
+
+``--profile`` runs the node SCP inside this process instead, under cProfile (every thread), and prints where
+the time goes; ``--no-fsync`` (diagnostic only) runs it in-process without its fsync, to separate the disk's
+share from the code's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from openmsk.jobs import JobStore
+from openmsk.managed.process import free_port, spawn, stop, wait_until
+from openmsk.managed.redis import ManagedRedis
+
+ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+class ThreadProfiler:
+    """cProfile for the DUL threads (one per association) started after :meth:`install`.
+
+    With the SCP's fast path every C-STORE is served in its association's DUL thread, so that thread's time is
+    the node's time per instance; the association threads only idle.
+    """
+
+    CATEGORIES = (
+        ("waiting for the sender (select)", ("select.select", "dul_wait", "sleep")),
+        ("fsync", ("posix.fsync", "fdatasync")),
+        ("rename", ("posix.rename",)),
+        ("write (page cache)", ("writev",)),
+        ("open/close file (spares are made ahead)", ("posix.open", "posix.close")),
+        ("crc32 of the file", ("crc32",)),
+        ("header walk", ("scp/storage.py:1", "scp/storage.py:2", "_Walker")),
+        ("socket receive", ("recv_into", "'recv'")),
+        ("socket send", ("'send'", "sendall")),
+        ("pynetdicom (PDU reads, state machine)", ("pynetdicom/",)),
+        ("node fast path + store (Python)", ("scp/",)),
+    )
+
+    def __init__(self) -> None:
+        self.profiles: list = []
+
+    def install(self) -> None:
+        import cProfile
+        import threading
+
+        profiles = self.profiles
+        original = threading.Thread.run
+
+        def run(thread: threading.Thread) -> None:
+            if type(thread).__name__ != "DULServiceProvider":
+                original(thread)
+                return
+            profile = cProfile.Profile()
+            profiles.append(profile)
+            profile.enable()
+            try:
+                original(thread)
+            finally:
+                profile.disable()
+
+        threading.Thread.run = run  # type: ignore[method-assign]
+
+    def report(self, instances: int) -> None:
+        import pstats
+
+        stats = None
+        for profile in self.profiles:
+            try:
+                stats = pstats.Stats(profile) if stats is None else stats.add(profile)
+            except TypeError:  # a thread that never ran anything
+                continue
+        if stats is None:
+            return
+        totals: dict[str, float] = {}
+        for (filename, line, name), (_cc, _nc, tottime, _ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+            where = f"{filename}:{line}:{name}"
+            label = next((lab for lab, keys in self.CATEGORIES if any(k in where for k in keys)), "other")
+            totals[label] = totals.get(label, 0.0) + tottime
+        grand = sum(totals.values())
+        print(
+            f"\nDUL threads (they serve every C-STORE), all rounds, ms per instance ({instances} instances):"
+        )
+        for label, seconds in sorted(totals.items(), key=lambda item: -item[1]):
+            print(f"  {1000 * seconds / instances:7.2f} ms  {100 * seconds / grand:5.1f} %  {label}")
+        print("(cProfile inflates the Python parts; the system calls are measured as they are)")
+        print("\ntop functions by own time:")
+        stats.sort_stats("tottime").print_stats(15)
+
+
+def make_instances(folder: Path, count: int, size: int) -> int:
+    """Write ``count`` instances of one 3D knee MR series; returns the total bytes."""
+    from scp.testdata import write_mr_series
+
+    paths = write_mr_series(folder, count, size, size, description="PD SPACE SAG KNEE")
+    return sum(p.stat().st_size for p in paths)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def send(folder: Path, port: int, called_ae: str) -> float:
+    """One storescu association with every file of ``folder``; returns the wall time in seconds."""
+    argv = ["storescu", "-aet", "BENCH", "-aec", called_ae, "127.0.0.1", str(port), str(folder), "+sd"]
+    start = time.perf_counter()
+    subprocess.run(argv, env=ENV, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def wait_for_job(store: JobStore, timeout_s: float = 60.0) -> float | None:
+    """Wall-clock time at which the first job reached QUEUED (None: none within ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for job in store.list(limit=5):
+            if "queued" in job.state_times:
+                return job.state_times["queued"]
+        time.sleep(0.005)
+    return None
+
+
+def node_env(data_dir: Path, redis_url: str, port: int) -> dict[str, str]:
+    return {
+        **ENV,
+        "OPENMSK_DATA_DIR": str(data_dir),
+        "OPENMSK_REDIS_URL": redis_url,
+        "OPENMSK_SCP_HOST": "127.0.0.1",
+        "OPENMSK_SCP_PORT": str(port),
+        "OPENMSK_MIN_FREE_DISK_MB": "0",
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--instances", type=int, default=500)
+    parser.add_argument("--size", type=int, default=512, help="rows = columns of each instance")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="run the node SCP in-process under cProfile")
+    parser.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="diagnostic: run the node SCP in-process without its fsync (never how the node runs)",
+    )
+    parser.add_argument("--workdir", type=Path, help="where to put data (default: a temporary folder)")
+    args = parser.parse_args()
+    for tool in ("storescu", "storescp"):
+        if shutil.which(tool) is None:
+            print(f"bench/ingest.py: dcmtk's {tool} is not installed", file=sys.stderr)
+            return 2
+
+    work = Path(tempfile.mkdtemp(prefix="openmsk-ingest-", dir=args.workdir))
+    try:
+        return run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: Path) -> int:
+    source = work / "source"
+    total_bytes = make_instances(source, args.instances, args.size)
+    mb = total_bytes / 1e6
+    print(
+        f"{args.instances} instances, {args.size}×{args.size} 16-bit, {mb:.0f} MB in one series", flush=True
+    )
+
+    with ManagedRedis(work / "redis") as redis_server:
+        store = JobStore.from_url(redis_server.url)
+        node_port, dcmtk_port = free_port(), free_port()
+        node_data = work / "node"
+        dcmtk_out = work / "storescp"
+        dcmtk_out.mkdir()
+        storescp = spawn(
+            ["storescp", "-od", str(dcmtk_out), str(dcmtk_port)], env=ENV, log=work / "storescp.log"
+        )
+        profiler = None
+        node = None
+        if args.profile or args.no_fsync:
+            from openmsk.config import load_settings
+            from scp.server import StorageSCP
+
+            profiler = ThreadProfiler() if args.profile else None
+            settings = load_settings(
+                data_dir=node_data, redis_url=redis_server.url, scp_host="127.0.0.1", scp_port=node_port,
+                min_free_disk_mb=0,
+            )  # fmt: skip
+            if profiler is not None:
+                profiler.install()
+            node = StorageSCP(settings).start()
+            node.store.fsync = not args.no_fsync
+        else:
+            node_proc = spawn(
+                [sys.executable, "-m", "scp"],
+                env=node_env(node_data, redis_server.url, node_port),
+                log=work / "node.log",
+                cwd=Path(__file__).resolve().parents[1],
+            )
+        try:
+            wait_until(lambda: port_open(dcmtk_port), 15, "storescp")
+            wait_until(lambda: port_open(node_port), 30, "node SCP")
+            node_times, dcmtk_times = [], []
+            latency = None
+            for round_index in range(args.rounds):
+                shutil.rmtree(dcmtk_out, ignore_errors=True)
+                dcmtk_out.mkdir()
+                for path in (node_data / "incoming").rglob(
+                    "*.dcm"
+                ):  # both start each round on an empty folder
+                    path.unlink()
+                dcmtk_times.append(send(source, dcmtk_port, "ANY-SCP"))
+                node_times.append(send(source, node_port, "OPENMSK"))
+                acked = time.time()
+                if round_index == 0:  # later rounds resend the same series: idempotent, no new job
+                    queued = wait_for_job(store)
+                    latency = None if queued is None else queued - acked
+                print(
+                    f"round {round_index + 1}: node {node_times[-1]:.2f} s, storescp {dcmtk_times[-1]:.2f} s",
+                    flush=True,
+                )
+        finally:
+            if node is not None:
+                node.stop()
+            else:
+                stop(node_proc)
+            stop(storescp)
+        stored = sum(1 for _ in (node_data / "incoming").rglob("*.dcm"))  # those of the last round
+    if stored != args.instances:
+        print(f"node stored {stored} of {args.instances} instances", file=sys.stderr)
+        return 1
+
+    node_s, dcmtk_s = statistics.median(node_times), statistics.median(dcmtk_times)
+    print()
+    print(f"{'':10s}{'instances/s':>14s}{'MB/s':>10s}{'median s':>11s}")
+    print(f"{'node':10s}{args.instances / node_s:14.0f}{mb / node_s:10.1f}{node_s:11.2f}")
+    print(f"{'storescp':10s}{args.instances / dcmtk_s:14.0f}{mb / dcmtk_s:10.1f}{dcmtk_s:11.2f}")
+    print(f"ratio node/storescp: {dcmtk_s / node_s:.2f}  (target >= 0.8)")
+    if latency is None:
+        print("completion latency: no job was queued within 60 s")
+    else:
+        print(f"completion latency (last instance acknowledged -> job queued): {latency:.2f} s")
+    if profiler is not None:
+        profiler.report(args.instances * args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
