@@ -45,7 +45,9 @@ def check_zip(archive: zipfile.ZipFile, limits: ZipLimits = ZipLimits()) -> list
         if info.is_dir():
             continue
         if info.file_size > 1024 * 1024 and info.file_size > limits.max_ratio * max(info.compress_size, 1):
-            raise UnsafeArchive(f"zip entry {info.filename!r} expands {info.file_size // max(info.compress_size, 1)}×")
+            raise UnsafeArchive(
+                f"zip entry {info.filename!r} expands {info.file_size // max(info.compress_size, 1)}×"
+            )
         total += info.file_size
         compressed += info.compress_size
         files.append(info)

@@ -31,11 +31,15 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="openmsk", description="OpenMSK Node: knee MRI segmentation for the PACS")
+    parser = argparse.ArgumentParser(
+        prog="openmsk", description="OpenMSK Node: knee MRI segmentation for the PACS"
+    )
     parser.add_argument("--version", action="version", version=f"openmsk {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    up = subparsers.add_parser("up", help="run the whole node: SCP, worker, web (and Redis/Orthanc when unset)")
+    up = subparsers.add_parser(
+        "up", help="run the whole node: SCP, worker, web (and Redis/Orthanc when unset)"
+    )
     up.set_defaults(func=_up)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)

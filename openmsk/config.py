@@ -50,7 +50,8 @@ class Settings(BaseSettings):
         None, description="a redis:// URL; unset: `openmsk up` starts a private redis-server on 127.0.0.1"
     )
     orthanc_url: str | None = Field(
-        None, description="an http(s):// URL of Orthanc's REST API; unset: `openmsk up` starts a managed Orthanc"
+        None,
+        description="an http(s):// URL of Orthanc's REST API; unset: `openmsk up` starts a managed Orthanc",
     )
     orthanc_user: str | None = Field(
         None, description="the Orthanc user name; unset: generated, stored under DATA_DIR and printed"
@@ -58,14 +59,17 @@ class Settings(BaseSettings):
     orthanc_password: str | None = Field(
         None, description="the Orthanc password; unset: generated, stored under DATA_DIR and printed"
     )
-    orthanc_http_port: Port = Field(8042, description="a TCP port (1-65535) for the managed Orthanc's HTTP API")
+    orthanc_http_port: Port = Field(
+        8042, description="a TCP port (1-65535) for the managed Orthanc's HTTP API"
+    )
     orthanc_dicom_port: Port = Field(4242, description="a TCP port (1-65535) for the managed Orthanc's DICOM")
     orthanc_aet: str = Field("ORTHANC", description="the managed Orthanc's AE title (1-16 characters)")
     scp_ae_title: str = Field("OPENMSK", description="the node's AE title (1-16 characters, no backslash)")
     scp_host: str = Field("0.0.0.0", description="the address the DICOM SCP listens on")
     scp_port: Port = Field(11112, description="a TCP port (1-65535) for the DICOM SCP")
     web_host: str = Field(
-        "127.0.0.1", description="the address the web server listens on (a reverse proxy fronts it in production)"
+        "127.0.0.1",
+        description="the address the web server listens on (a reverse proxy fronts it in production)",
     )
     web_port: Port = Field(8000, description="a TCP port (1-65535) for the web server")
     # --- SCP ---
@@ -128,10 +132,13 @@ class Settings(BaseSettings):
         30.0, gt=0, description="seconds (> 0) after which a worker without a heartbeat counts as gone"
     )
     min_free_disk_mb: int = Field(
-        1024, ge=0, description="megabytes (>= 0) of free space under DATA_DIR below which the node is degraded"
+        1024,
+        ge=0,
+        description="megabytes (>= 0) of free space under DATA_DIR below which the node is degraded",
     )
     destinations: Path | None = Field(
-        None, description="a TOML file of result destinations (DICOM AEs, DICOMweb); `orthanc` is always defined"
+        None,
+        description="a TOML file of result destinations (DICOM AEs, DICOMweb); `orthanc` is always defined",
     )
     job_time_limit_s: int = Field(1800, gt=0, description="seconds (> 0) a job may run before it is stopped")
     # --- web ---

@@ -80,7 +80,12 @@ def check_health(settings: Settings, client: redis.Redis) -> dict[str, Any]:
         "redis": redis_state,
         "worker": worker_state,
         "workers": [
-            {"id": w["id"], "device": w.get("device"), "gpu": w.get("gpu"), "gpu_free_bytes": w.get("gpu_free_bytes")}
+            {
+                "id": w["id"],
+                "device": w.get("device"),
+                "gpu": w.get("gpu"),
+                "gpu_free_bytes": w.get("gpu_free_bytes"),
+            }
             for w in workers
         ],
         "orthanc": orthanc_state,

@@ -6,6 +6,7 @@ than ``stale_s``. Redis answering says nothing about workers — that was the se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -68,16 +69,13 @@ class Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        try:
+        with contextlib.suppress(redis.RedisError):
             remove(self.client, self.ident)
-        except redis.RedisError:
-            pass
 
     def _run(self) -> None:
         interval = min(INTERVAL_S, self.stale_s / 3)
         while not self._stop.is_set():
-            try:
+            # Redis down: the worker simply looks stale until it is back.
+            with contextlib.suppress(redis.RedisError):
                 beat(self.client, self.ident, self.info, self.stale_s)
-            except redis.RedisError:
-                pass  # Redis down: the worker simply looks stale until it is back
             self._stop.wait(interval)

@@ -125,7 +125,9 @@ class Job(BaseModel):
     sop_uids: list[str] = Field(default_factory=list)
     model: str
     priority: Literal["urgent", "default"] = "default"
-    destinations: list[str] = Field(default_factory=list, description="destination names from the routing rule")
+    destinations: list[str] = Field(
+        default_factory=list, description="destination names from the routing rule"
+    )
     input_path: str = Field(description="folder or file of the input, relative to DATA_DIR")
     state: JobState = JobState.RECEIVED
     stage: str | None = None

@@ -126,16 +126,24 @@ class Node:
                 now = time.monotonic()
                 child.crashes = [t for t in child.crashes if now - t < RESTART_WINDOW_S] + [now]
                 if len(child.crashes) > RESTART_LIMIT:
-                    print(f"openmsk: {child.name} keeps exiting (status {child.proc.returncode}); stopping", flush=True)
+                    print(
+                        f"openmsk: {child.name} keeps exiting (status {child.proc.returncode}); stopping",
+                        flush=True,
+                    )
                     return 1
-                print(f"openmsk: {child.name} exited with status {child.proc.returncode}; restarting", flush=True)
+                print(
+                    f"openmsk: {child.name} exited with status {child.proc.returncode}; restarting",
+                    flush=True,
+                )
                 self.start_child(child)
         return 0
 
     def shutdown(self) -> None:
         """Stop the services first (they may still talk to Redis/Orthanc), then Orthanc and Redis."""
         stop_all([c.proc for c in self.children if c.proc is not None], timeout_s=6.0)
-        backing = [p for p in (self.orthanc and self.orthanc.proc, self.redis and self.redis.proc) if p is not None]
+        backing = [
+            p for p in (self.orthanc and self.orthanc.proc, self.redis and self.redis.proc) if p is not None
+        ]
         stop_all(backing, timeout_s=3.0)
         print("OpenMSK Node stopped.", flush=True)
 

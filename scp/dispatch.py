@@ -298,9 +298,7 @@ class Dispatcher:
             enqueue_job(self.broker, current)
             self.redis.set(sent_key, "1", ex=KEY_TTL_S)
             if job.series_uid:
-                self._set_latest(
-                    keys=[latest_key(job)], args=[job.id, repr(job.created_at)]
-                )
+                self._set_latest(keys=[latest_key(job)], args=[job.id, repr(job.created_at)])
             LOG.info("job %s queued: series %s, model %s", job.id, job.series_uid, job.model)
             if self.on_queued is not None:
                 self.on_queued(current)

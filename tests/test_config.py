@@ -69,7 +69,12 @@ def test_bad_value_names_variable_and_expectation(
 def test_cli_stops_with_one_line_on_bad_config(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "OPENMSK_SCP_PORT": "nope"}
     result = subprocess.run(
-        [sys.executable, "-m", "openmsk", "up"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "openmsk", "up"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -79,5 +84,9 @@ def test_cli_stops_with_one_line_on_bad_config(tmp_path: Path) -> None:
 
 def test_readme_documents_every_setting() -> None:
     readme = (REPO / "README.md").read_text()
-    missing = [f"OPENMSK_{name.upper()}" for name in Settings.model_fields if f"`OPENMSK_{name.upper()}`" not in readme]
+    missing = [
+        f"OPENMSK_{name.upper()}"
+        for name in Settings.model_fields
+        if f"`OPENMSK_{name.upper()}`" not in readme
+    ]
     assert not missing, f"README.md lacks rows for {missing}"

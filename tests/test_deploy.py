@@ -31,7 +31,9 @@ def test_compose_file_validates() -> None:
     assert "127.0.0.1:6379" in config.replace('"', "") or "host_ip: 127.0.0.1" in config  # Redis stays local
     assert "--requirepass" in config and "appendonly" in config
     assert config.count("healthcheck:") == 5
-    assert "8042:8042" not in config.replace("127.0.0.1:8042:8042", "")  # Orthanc HTTP never published beyond localhost
+    assert "8042:8042" not in config.replace(
+        "127.0.0.1:8042:8042", ""
+    )  # Orthanc HTTP never published beyond localhost
 
 
 def test_env_example_lists_every_variable_the_compose_file_uses() -> None:
@@ -39,7 +41,9 @@ def test_env_example_lists_every_variable_the_compose_file_uses() -> None:
 
     used = set(re.findall(r"\$\{([A-Z_]+)", (DEPLOY / "docker-compose.yml").read_text()))
     used |= set(re.findall(r"\{\$([A-Z_]+)\}", (DEPLOY / "Caddyfile").read_text()))
-    listed = {line.split("=", 1)[0] for line in (DEPLOY / ".env.example").read_text().splitlines() if "=" in line}
+    listed = {
+        line.split("=", 1)[0] for line in (DEPLOY / ".env.example").read_text().splitlines() if "=" in line
+    }
     assert used - {"OPENMSK_ENV_FILE"} <= listed, f"not in .env.example: {sorted(used - listed)}"
 
 
@@ -58,12 +62,17 @@ def test_systemd_unit(unit: str, tmp_path: Path) -> None:
     if shutil.which("systemd-analyze"):
         # Point the unit at files that exist here so verify checks the unit itself, not this machine's layout.
         local = text.replace("/opt/openmsk/.venv/bin/openmsk", shutil.which("true") or "/bin/true")
-        local = local.replace("/etc/openmsk/openmsk.env", str(tmp_path / "env")).replace("User=openmsk", "User=root")
+        local = local.replace("/etc/openmsk/openmsk.env", str(tmp_path / "env")).replace(
+            "User=openmsk", "User=root"
+        )
         local = local.replace("Group=openmsk", "Group=root").replace("/opt/openmsk", str(tmp_path))
         (tmp_path / "env").write_text("OPENMSK_DEVICE=auto\n")
         (tmp_path / unit).write_text(local)
         result = subprocess.run(
-            ["systemd-analyze", "verify", "--man=no", str(tmp_path / unit)], capture_output=True, text=True, timeout=60
+            ["systemd-analyze", "verify", "--man=no", str(tmp_path / unit)],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         problems = [line for line in result.stderr.splitlines() if unit in line]
         assert not problems, result.stderr

@@ -29,13 +29,17 @@ def test_up_starts_healthy_and_stops_cleanly(tmp_path: Path) -> None:
     )
     log = tmp_path / "up.log"
     with open(log, "wb") as out:
-        node = subprocess.Popen([sys.executable, "-m", "openmsk", "up"], env=env, stdout=out, stderr=subprocess.STDOUT)
+        node = subprocess.Popen(
+            [sys.executable, "-m", "openmsk", "up"], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
     try:
         took = wait_for(lambda: health(ports["web"])[0] == 200, 60, f"healthy node (log: {log})")
         _, report = health(ports["web"])
         assert report["redis"] == report["worker"] == report["orthanc"] == "available"
         printed = log.read_text()
-        assert f"http://127.0.0.1:{ports['web']}" in printed and f"OPENMSK@127.0.0.1:{ports['scp']}" in printed
+        assert (
+            f"http://127.0.0.1:{ports['web']}" in printed and f"OPENMSK@127.0.0.1:{ports['scp']}" in printed
+        )
 
         # The generated Orthanc credentials: printed, kept, and the only way into Orthanc.
         secrets = tmp_path / "data" / "secrets"

@@ -35,7 +35,9 @@ def test_volume_matches_phantom_in_patient_space(tmp_path: Path, orientation: st
     assert volume.image.shape == ph.image.shape
     np.testing.assert_allclose(volume.affine_lps, ph.affine_lps, atol=1e-3)
     np.testing.assert_array_equal(volume.image, ph.image.astype(np.float32))
-    assert [int(ds.InstanceNumber) for ds in volume.sources] == sorted(int(ds.InstanceNumber) for ds in datasets)
+    assert [int(ds.InstanceNumber) for ds in volume.sources] == sorted(
+        int(ds.InstanceNumber) for ds in datasets
+    )
 
 
 def test_missing_slice_is_refused(phantom_dir: Path) -> None:
@@ -90,8 +92,18 @@ def test_enhanced_multiframe_mr_is_accepted(phantom_dir: Path, tmp_path: Path) -
     enhanced.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
     enhanced.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"
     enhanced.SOPInstanceUID = enhanced.file_meta.MediaStorageSOPInstanceUID
-    for tag in ("StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns", "BitsAllocated", "BitsStored",
-                "HighBit", "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation"):
+    for tag in (
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+    ):
         setattr(enhanced, tag, getattr(first, tag))
     frames = list(reversed(reference.sources))  # frame order must not matter
     enhanced.NumberOfFrames = len(frames)

@@ -27,7 +27,9 @@ def load_volume_file(path: Path) -> SeriesVolume:
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        raise SeriesError(f"{path.name} is not a readable NIfTI/NRRD volume: {exc}", "Check the file.") from None
+        raise SeriesError(
+            f"{path.name} is not a readable NIfTI/NRRD volume: {exc}", "Check the file."
+        ) from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise SeriesError(f"{path.name} is not a single-channel 3D volume", "Send one 3D knee MRI volume.")
     array = sitk.GetArrayFromImage(image).astype(np.float32).transpose(2, 1, 0)  # (z, y, x) → (x, y, z)
@@ -61,5 +63,17 @@ def load_input(path: Path) -> SeriesVolume:
         return load_series([pydicom.dcmread(path)])  # one file: an enhanced (multi-frame) MR instance
     except pydicom.errors.InvalidDicomError:
         raise SeriesError(
-            f"{path.name} is neither DICOM, a zip, NIfTI nor NRRD", "Send a DICOM folder/zip, .nii(.gz) or .nrrd."
+            f"{path.name} is neither DICOM, a zip, NIfTI nor NRRD",
+            "Send a DICOM folder/zip, .nii(.gz) or .nrrd.",
         ) from None
+
+
+def load_series_instances(folder: Path, sop_uids: list[str]) -> SeriesVolume:
+    """The volume of exactly the instances a job names: a series folder may gain files after its job was made."""
+    missing = [uid for uid in sop_uids if not (folder / f"{uid}.dcm").is_file()]
+    if missing:
+        raise SeriesError(
+            f"{len(missing)} of the job's {len(sop_uids)} instances are no longer on disk",
+            "Send the series again.",
+        )
+    return load_series([pydicom.dcmread(folder / f"{uid}.dcm") for uid in sop_uids])

@@ -57,7 +57,9 @@ def read_series(folder: Path) -> list[Dataset]:
         except (pydicom.errors.InvalidDicomError, OSError, EOFError):
             continue
     if not datasets:
-        raise SeriesError(f"no DICOM instances found in {folder.name}", "Check that the upload holds DICOM files.")
+        raise SeriesError(
+            f"no DICOM instances found in {folder.name}", "Check that the upload holds DICOM files."
+        )
     return datasets
 
 
@@ -78,7 +80,9 @@ def _unit(vector: np.ndarray) -> np.ndarray:
 def _check_not_localizer(datasets: Sequence[Dataset]) -> None:
     image_type = [str(v).upper() for v in datasets[0].get("ImageType", [])]
     if "LOCALIZER" in image_type:
-        raise GeometryError("the series is a localizer (ImageType LOCALIZER)", "Send the 3D knee series instead.")
+        raise GeometryError(
+            "the series is a localizer (ImageType LOCALIZER)", "Send the 3D knee series instead."
+        )
     if len(datasets) < 3:
         raise GeometryError(
             f"the series has {len(datasets)} slice(s): a 2D image or localizer, not a 3D volume",
@@ -121,7 +125,7 @@ def _geometry(
 def _pixels(ds: Dataset) -> np.ndarray:
     try:
         pixels = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for undecodable data
+    except Exception as exc:
         raise SeriesError(
             f"pixel data of instance {ds.get('SOPInstanceUID', '?')} cannot be decoded: {exc}",
             "The transfer syntax may be unsupported; send it uncompressed or JPEG/JPEG-LS/JPEG 2000/RLE.",
@@ -132,13 +136,20 @@ def _pixels(ds: Dataset) -> np.ndarray:
 
 def _load_single_frames(datasets: list[Dataset]) -> SeriesVolume:
     _check_not_localizer(datasets)
-    missing = [t for t in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing") if t not in datasets[0]]
+    missing = [
+        t for t in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing") if t not in datasets[0]
+    ]
     if missing:
         raise GeometryError(f"the series lacks {', '.join(missing)}: its geometry is unknown")
     orientation = np.array(datasets[0].ImageOrientationPatient, float)
     for ds in datasets:
-        if "ImageOrientationPatient" not in ds or np.max(np.abs(np.array(ds.ImageOrientationPatient, float) - orientation)) > ORIENTATION_TOL:
-            raise GeometryError("the series mixes slice orientations", "Send a series acquired in one orientation.")
+        if (
+            "ImageOrientationPatient" not in ds
+            or np.max(np.abs(np.array(ds.ImageOrientationPatient, float) - orientation)) > ORIENTATION_TOL
+        ):
+            raise GeometryError(
+                "the series mixes slice orientations", "Send a series acquired in one orientation."
+            )
         if (ds.Rows, ds.Columns) != (datasets[0].Rows, datasets[0].Columns):
             raise GeometryError("the series mixes image sizes")
     positions = np.array([ds.ImagePositionPatient for ds in datasets], float)
@@ -164,17 +175,27 @@ def _load_enhanced(ds: Dataset) -> SeriesVolume:
             return shared[name][0]
         raise GeometryError(f"the enhanced MR instance lacks {name}: its geometry is unknown")
 
-    orientations = np.array([item(f, "PlaneOrientationSequence").ImageOrientationPatient for f in per_frame], float)
+    orientations = np.array(
+        [item(f, "PlaneOrientationSequence").ImageOrientationPatient for f in per_frame], float
+    )
     if np.max(np.abs(orientations - orientations[0])) > ORIENTATION_TOL:
-        raise GeometryError("the series mixes slice orientations", "Send a series acquired in one orientation.")
+        raise GeometryError(
+            "the series mixes slice orientations", "Send a series acquired in one orientation."
+        )
     positions = np.array([item(f, "PlanePositionSequence").ImagePositionPatient for f in per_frame], float)
     spacing_item = item(per_frame[0], "PixelMeasuresSequence")
     order, spacing, affine = _geometry(orientations[0], positions, spacing_item.PixelSpacing)
     pixels = ds.pixel_array.astype(np.float32)
-    transform = item(per_frame[0], "PixelValueTransformationSequence") if (
-        "PixelValueTransformationSequence" in per_frame[0] or "PixelValueTransformationSequence" in shared
-    ) else None
+    transform = (
+        item(per_frame[0], "PixelValueTransformationSequence")
+        if (
+            "PixelValueTransformationSequence" in per_frame[0] or "PixelValueTransformationSequence" in shared
+        )
+        else None
+    )
     if transform is not None:
-        pixels = pixels * float(transform.get("RescaleSlope", 1)) + float(transform.get("RescaleIntercept", 0))
+        pixels = pixels * float(transform.get("RescaleSlope", 1)) + float(
+            transform.get("RescaleIntercept", 0)
+        )
     image = np.stack([pixels[i].T for i in order], axis=-1)
     return SeriesVolume(image=image, affine_lps=affine, spacing=spacing, sources=[ds])

@@ -24,9 +24,7 @@ DICOMWEB_PLUGIN = "libOrthancDicomWeb.so"
 
 
 def orthanc_binary() -> str | None:
-    return shutil.which("Orthanc") or (
-        "/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None
-    )
+    return shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
 
 
 def dicomweb_plugin() -> Path | None:
@@ -82,7 +80,9 @@ class ManagedOrthanc:
     def start(self, timeout_s: float = 30.0) -> ManagedOrthanc:
         binary = orthanc_binary()
         if binary is None:
-            raise RuntimeError("Orthanc is not installed (Debian package orthanc); or set OPENMSK_ORTHANC_URL")
+            raise RuntimeError(
+                "Orthanc is not installed (Debian package orthanc); or set OPENMSK_ORTHANC_URL"
+            )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config_path = self.data_dir / "orthanc.json"
         config_path.write_text(json.dumps(self.configuration(), indent=2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -23,14 +24,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def _die_with_parent() -> None:
     # Linux: the child gets SIGTERM if the node is killed outright, so even `kill -9 <up>` leaves nothing behind.
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 def spawn(
-    argv: Sequence[str], *, env: dict[str, str] | None = None, log: Path | None = None, cwd: Path | None = None
+    argv: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.Popen:
     """Start ``argv`` in its own process group (so it and its children can be stopped together).
 
@@ -65,27 +68,23 @@ def stop_all(procs: Sequence[subprocess.Popen], timeout_s: float = 8.0) -> None:
             _signal_group(proc, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     for proc in procs:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
     # A leader may be gone while its own children linger: sweep every group either way.
     for proc in procs:
         _signal_group(proc, signal.SIGKILL)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
-def wait_until(check: Callable[[], bool], timeout_s: float, what: str, proc: subprocess.Popen | None = None) -> None:
+def wait_until(
+    check: Callable[[], bool], timeout_s: float, what: str, proc: subprocess.Popen | None = None
+) -> None:
     """Poll ``check`` until it is true; raise ``RuntimeError`` naming ``what`` on timeout or if ``proc`` died."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -94,7 +93,7 @@ def wait_until(check: Callable[[], bool], timeout_s: float, what: str, proc: sub
         try:
             if check():
                 return
-        except Exception:  # noqa: BLE001 - not up yet, whatever the reason
+        except Exception:
             pass
         time.sleep(0.1)
     raise RuntimeError(f"{what} did not become ready within {timeout_s:.0f} s")

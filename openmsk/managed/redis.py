@@ -26,7 +26,9 @@ class ManagedRedis:
     def start(self, timeout_s: float = 15.0) -> ManagedRedis:
         binary = shutil.which("redis-server")
         if binary is None:
-            raise RuntimeError("redis-server is not installed (Debian package redis-server); or set OPENMSK_REDIS_URL")
+            raise RuntimeError(
+                "redis-server is not installed (Debian package redis-server); or set OPENMSK_REDIS_URL"
+            )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         argv = [
             binary,

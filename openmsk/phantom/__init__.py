@@ -20,22 +20,14 @@ from numbers import Integral
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from openmsk.labels import TISSUES
+
 if TYPE_CHECKING:
     import numpy as np
     from numpy.typing import NDArray
 
-# The canonical label map of OpenMSK; segmentation output and phantom truth use the same numbers.
-LABELS: dict[int, str] = {
-    1: "femur",
-    2: "tibia",
-    3: "patella",
-    4: "femoral_cartilage",
-    5: "medial_tibial_cartilage",
-    6: "lateral_tibial_cartilage",
-    7: "patellar_cartilage",
-    8: "medial_meniscus",
-    9: "lateral_meniscus",
-}
+# The canonical label map (segmentation output and phantom truth use the same numbers), from the tissue table.
+LABELS: dict[int, str] = {label: t.name for label, t in TISSUES.items()}
 
 SIZES = ("small", "full")
 ORIENTATIONS = ("sagittal", "coronal", "axial", "oblique")
