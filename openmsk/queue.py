@@ -20,9 +20,11 @@ QUEUES = ("urgent", "default")
 SEGMENT_ACTORS = {"urgent": SEGMENT_URGENT_ACTOR, "default": SEGMENT_ACTOR}
 
 # A worker killed with SIGKILL stops heart-beating; after HEARTBEAT_TIMEOUT_MS another worker's maintenance pass
-# puts its unacked messages back. Dramatiq's defaults (60 s, 1 % maintenance chance) can hold a job for minutes.
-HEARTBEAT_TIMEOUT_MS = 10_000
-MAINTENANCE_CHANCE = 50_000  # out of 100 000 fetches
+# puts its unacked messages back. Dramatiq's defaults (60 s, maintenance on 0.1 % of broker commands) can hold a
+# job for many minutes. Each worker issues a few commands a second (its idle delay-queue consumers poll), so
+# maintenance on half of them finds a dead worker within seconds.
+HEARTBEAT_TIMEOUT_MS = 6_000
+MAINTENANCE_CHANCE = 500_000  # out of dramatiq's scale of 1 000 000 commands
 
 
 def make_broker(redis_url: str) -> RedisBroker:

@@ -11,7 +11,7 @@ import redis
 
 from openmsk.config import Settings
 from openmsk.heartbeat import Heartbeat
-from openmsk.queue import make_broker
+from openmsk.queue import QUEUES, make_broker
 from worker.device import device_info, resolve_device
 
 log = logging.getLogger("openmsk.worker")
@@ -20,7 +20,9 @@ log = logging.getLogger("openmsk.worker")
 def run_worker(settings: Settings, stop: threading.Event | None = None) -> int:
     """Consume jobs until ``stop`` is set or a termination signal arrives; returns an exit code."""
     if settings.redis_url is None:
-        raise RuntimeError("OPENMSK_REDIS_URL must be set for `openmsk worker` (`openmsk up` manages Redis itself)")
+        raise RuntimeError(
+            "OPENMSK_REDIS_URL must be set for `openmsk worker` (`openmsk up` manages Redis itself)"
+        )
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -28,9 +30,17 @@ def run_worker(settings: Settings, stop: threading.Event | None = None) -> int:
 
     device = resolve_device(settings.device)
     broker = make_broker(settings.redis_url)
-    # One job at a time per worker: a GPU runs one model well; prefetching would hold jobs other workers could take.
+    import worker.actors
+
+    for queue in QUEUES:
+        broker.declare_queue(queue)
+    # One job at a time per worker: a GPU runs one model well. Prefetch 1: a prefetched message would sit in
+    # this worker while another worker is idle, and would only come back after this one dies.
     worker = dramatiq.Worker(broker, worker_threads=1, worker_timeout=1000)
-    heartbeat = Heartbeat(redis.Redis.from_url(settings.redis_url), device_info(device), settings.worker_stale_s)
+    worker.queue_prefetch = 1
+    heartbeat = Heartbeat(
+        redis.Redis.from_url(settings.redis_url), device_info(device), settings.worker_stale_s
+    )
     heartbeat.start()
     worker.start()
     log.info("worker %s running on %s", heartbeat.ident, device)

@@ -1,0 +1,156 @@
+"""The stages that turn a series into results: load → preprocess → infer → postprocess → write → analyse.
+
+The same code serves a queued job (progress goes to the job record) and the one-shot ``openmsk segment`` CLI
+(progress goes to a terminal bar): each stage reports ``(stage, fraction of the stage)`` to a :class:`Progress`,
+which maps it onto the job's overall percent using :data:`STAGE_SPAN`. Delivery is a separate actor
+(``worker.actors``) so a destination that is down never holds a worker that could segment.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from openmsk import __version__
+from openmsk.jobs import ErrorCode
+from openmsk.models.registry import ModelEntry
+from openmsk.models.segmenter import Segmenter, from_canonical, to_canonical
+from worker.analysis import analyse
+from worker.errors import JobFailure
+from worker.preview import write_preview
+from worker.report import write_report
+from worker.seg import write_seg
+from worker.sr import write_sr
+from worker.volume import SeriesVolume
+
+# Share of the overall percent each stage covers (inference dominates on a CPU; load/write are I/O).
+STAGE_SPAN: dict[str, tuple[float, float]] = {
+    "load": (0.0, 8.0),
+    "preprocess": (8.0, 10.0),
+    "infer": (10.0, 80.0),
+    "postprocess": (80.0, 82.0),
+    "write": (82.0, 92.0),
+    "analyse": (92.0, 97.0),
+    "deliver": (97.0, 100.0),
+}
+
+ProgressFn = Callable[[str, float], None]
+
+
+def overall_percent(stage: str, fraction: float) -> float:
+    start, end = STAGE_SPAN[stage]
+    return start + (end - start) * min(1.0, max(0.0, fraction))
+
+
+@dataclass
+class Outputs:
+    """What one run wrote, relative to its output folder, and the UIDs of the DICOM results."""
+
+    files: list[Path] = field(default_factory=list)
+    seg_sop_uid: str | None = None
+    sr_sop_uid: str | None = None
+    measurements: dict[str, Any] = field(default_factory=dict)
+
+
+def write_labels_nifti(labels: np.ndarray, affine_lps: np.ndarray, path: Path) -> None:
+    """Canonical labels as NIfTI (RAS): the LPS affine with its first two rows negated."""
+    affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
+    nib.save(nib.Nifti1Image(labels.astype(np.uint8), affine_ras), str(path))
+
+
+def segment_volume(
+    volume: SeriesVolume,
+    segmenter: Segmenter,
+    entry: ModelEntry,
+    out_dir: Path,
+    progress: ProgressFn,
+    *,
+    dicom_outputs: bool = True,
+    labelmap_seg: bool = False,
+) -> Outputs:
+    """Run preprocess → infer → postprocess → write → analyse on a loaded volume, writing into ``out_dir``.
+
+    Re-running with the same input and model rewrites the same files with the same DICOM UIDs (idempotent).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs = Outputs()
+
+    progress("preprocess", 0.0)
+    canonical = to_canonical(volume.image, volume.affine_lps)
+    progress("preprocess", 1.0)
+
+    try:
+        labels_canonical = segmenter.segment(
+            canonical.image, canonical.spacing, lambda f: progress("infer", f)
+        )
+    except MemoryError:
+        raise JobFailure(
+            ErrorCode.GPU_OOM, "out of memory during inference", "Retry on a larger GPU/host."
+        ) from None
+    except RuntimeError as exc:
+        if "out of memory" in str(exc).lower():
+            raise JobFailure(
+                ErrorCode.GPU_OOM, "the GPU ran out of memory", "Retry when the GPU is free.", permanent=False
+            ) from None
+        raise JobFailure(ErrorCode.SEGMENTATION_FAILED, f"inference failed: {exc}", permanent=False) from None
+
+    progress("postprocess", 0.0)
+    labels = from_canonical(labels_canonical, canonical).astype(np.uint8)
+    if not labels.any():
+        raise JobFailure(
+            ErrorCode.SEGMENTATION_FAILED,
+            "the model found no knee tissue in this series",
+            "Check that the series is a knee MRI in a contrast the model was trained for.",
+        )
+    progress("postprocess", 1.0)
+
+    progress("write", 0.0)
+    labels_path = out_dir / "labels.nii.gz"
+    write_labels_nifti(labels, volume.affine_lps, labels_path)
+    outputs.files.append(labels_path)
+    preview = out_dir / "preview.png"
+    write_preview(volume.image, labels, volume.affine_lps, preview)
+    outputs.files.append(preview)
+    progress("write", 0.4)
+    seg_path = out_dir / "seg.dcm"
+    if dicom_outputs:
+        seg = write_seg(volume, labels, entry.name, entry.version, seg_path, labelmap=labelmap_seg)
+        outputs.seg_sop_uid = seg.sop_uid
+        outputs.files.append(seg_path)
+    progress("write", 1.0)
+
+    progress("analyse", 0.0)
+    measurements = analyse(labels, volume.spacing)
+    outputs.measurements = measurements
+    progress("analyse", 0.6)
+    provenance = {**segmenter.provenance, "node_version": __version__}
+    outputs.files.extend(write_report(measurements, provenance, out_dir))
+    if dicom_outputs:
+        sr_path = out_dir / "sr.dcm"
+        sr = write_sr(seg_path, volume, measurements, entry.name, entry.version, sr_path)
+        outputs.sr_sop_uid = sr.sop_uid
+        outputs.files.append(sr_path)
+    manifest = out_dir / "manifest.json"
+    manifest.write_text(
+        json.dumps(
+            {
+                "provenance": provenance,
+                "source": {"study_uid": volume.study_uid, "series_uid": volume.series_uid}
+                if dicom_outputs
+                else {},
+                "seg_sop_uid": outputs.seg_sop_uid,
+                "sr_sop_uid": outputs.sr_sop_uid,
+                "files": sorted(p.name for p in outputs.files),
+            },
+            indent=2,
+        )
+    )
+    outputs.files.append(manifest)
+    progress("analyse", 1.0)
+    return outputs
