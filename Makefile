@@ -11,7 +11,7 @@ TORCH_PIN := constraints/torch.txt
 PY_STAMP := $(VENV)/.installed-python
 APT_STAMP := $(VENV)/.installed-apt
 
-.PHONY: run test install install-python install-apt lint format check-python
+.PHONY: run test install install-python install-apt install-viewer lint format check-python
 
 run: install
 	@echo "==> openmsk up"
@@ -21,7 +21,9 @@ test: install
 	@echo "==> pytest"
 	$(VPY) -m pytest
 
-install: install-apt install-python
+VIEWER_STAMP := node_modules/@ohif/app/dist/index.html
+
+install: install-apt install-python install-viewer
 
 check-python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null \
@@ -42,6 +44,17 @@ $(PY_STAMP): pyproject.toml $(TORCH_PIN) | $(VPY)
 
 install-python: $(PY_STAMP)
 	@echo "==> Python packages up to date in $(VENV)"
+
+# The OHIF viewer's prebuilt dist/ from npm (never committed). The lock file names only @ohif/app: its dist
+# needs none of the package's build-time dependencies, so `npm install` must not be used here.
+$(VIEWER_STAMP): package.json package-lock.json
+	@command -v npm >/dev/null || { echo "error: npm is missing (Debian package npm) — needed for the OHIF viewer"; exit 1; }
+	@echo "==> npm ci (OHIF viewer build into node_modules/)"
+	npm ci --omit=dev --ignore-scripts --no-audit --no-fund
+	@touch $@
+
+install-viewer: $(VIEWER_STAMP)
+	@echo "==> OHIF viewer present in node_modules/@ohif/app/dist"
 
 install-apt:
 	@missing=""; for p in $(APT_PACKAGES); do \

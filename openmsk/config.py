@@ -166,6 +166,29 @@ class Settings(BaseSettings):
     web_secure_cookies: bool = Field(
         False, description="true or false: mark the session cookie Secure (set it when HTTPS fronts the web)"
     )
+    # --- viewer ---
+    viewer_port: Port = Field(
+        3000,
+        description="a TCP port (1-65535) for the OHIF viewer (its own origin: the viewer lives at the root); "
+        "it listens on OPENMSK_WEB_HOST",
+    )
+    viewer_url: str | None = Field(
+        None,
+        description="the viewer's public http(s):// base URL for links (e.g. https://node.example.org:8443); "
+        "unset: the host the web page was opened on, with OPENMSK_VIEWER_PORT",
+    )
+    viewer_dist: Path = Field(
+        REPO_DIR / "node_modules" / "@ohif" / "app" / "dist",
+        description="a folder holding a built OHIF viewer (index.html, bundles); "
+        "default: node_modules/@ohif/app/dist in the checkout",
+    )
+
+    @field_validator("viewer_url")
+    @classmethod
+    def _viewer_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("not an http URL")
+        return value.rstrip("/") if value else None
 
     @field_validator("api_tokens", "available_models", mode="before")
     @classmethod

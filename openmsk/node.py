@@ -1,8 +1,9 @@
 """``openmsk up``: the whole node on one machine, in the foreground.
 
 Starts a private Redis and a managed Orthanc when none is configured, then the SCP, one worker and the web
-server as child processes (``openmsk scp|worker|web``, the same commands a multi-host deployment runs). A child
-that crashes is restarted; Ctrl-C or SIGTERM stops every child within 10 s and leaves no process behind.
+server as child processes (``openmsk scp|worker|web``, the same commands a multi-host deployment runs), and the
+OHIF viewer's server on its own port (``openmsk viewer``). A child that crashes is restarted; Ctrl-C or
+SIGTERM stops every child within 10 s and leaves no process behind.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from openmsk.managed.process import spawn, stop_all
 from openmsk.managed.redis import ManagedRedis
 from openmsk.stored_secrets import ensure_api_token, orthanc_credentials
 
-SERVICES = ("scp", "worker", "web")
+# The viewer serves the OHIF build on its own port: the build expects to live at its origin's root.
+SERVICES = ("scp", "worker", "web", "viewer")
 NODE_MODALITY = "openmsk"  # the node's name in Orthanc's DicomModalities
 RESTART_LIMIT = 5  # crashes of one service within RESTART_WINDOW_S before the node gives up
 RESTART_WINDOW_S = 60.0
@@ -112,6 +114,14 @@ class Node:
             print(line, flush=True)
         print(f"  SCP      {s.scp_ae_title}@{s.scp_host}:{s.scp_port}", flush=True)
         print(f"  Web      http://{s.web_host}:{s.web_port}  (health: /health)", flush=True)
+        if (s.viewer_dist / "index.html").is_file():
+            print(f"  Viewer   http://{s.web_host}:{s.viewer_port}  (OHIF; the web's sign-in)", flush=True)
+        else:
+            print(
+                f"  Viewer   port {s.viewer_port}: OHIF not installed ({s.viewer_dist}); "
+                "run `npm ci --omit=dev --ignore-scripts` in the checkout",
+                flush=True,
+            )
         token, generated = ensure_api_token(s)
         if generated:
             print(f"  API      token {token!r} (generated, kept in DATA_DIR/secrets/api_token)", flush=True)

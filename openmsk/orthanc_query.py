@@ -1,7 +1,8 @@
 """``openmsk orthanc studies|series|jobs``: what Orthanc holds, with the node's results next to each source series.
 
 A result is recognised by what the node writes into every SEG: the referenced source series and the algorithm
-identification (model name and version). Patient names and IDs are not printed.
+identification (model name and version). Patient names and IDs are not printed. Studies and jobs carry a link
+that opens the study in the node's viewer (``web.viewer``).
 """
 
 from __future__ import annotations
@@ -95,7 +96,11 @@ def _run(args: argparse.Namespace) -> int:
     settings = load_settings()
     client = client_for(settings)
     if args.what == "studies":
-        rows: list[dict[str, Any]] = list_studies(client)
+        from web.viewer import study_link  # the viewer's own origin: OPENMSK_VIEWER_URL or the viewer port
+
+        rows: list[dict[str, Any]] = [
+            {**study, "viewer": study_link(settings, study["study_uid"])} for study in list_studies(client)
+        ]
     elif args.what == "series":
         rows = [row.__dict__ for row in list_series(client)]
     else:

@@ -16,11 +16,12 @@ from tests.processes import alive, descendants, health, wait_for
 
 
 def test_up_starts_healthy_and_stops_cleanly(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in ("web", "scp", "orthanc_http", "orthanc_dicom")}
+    ports = {name: free_port() for name in ("web", "scp", "orthanc_http", "orthanc_dicom", "viewer")}
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENMSK_")}
     env.update(
         OPENMSK_DATA_DIR=str(tmp_path / "data"),
         OPENMSK_WEB_PORT=str(ports["web"]),
+        OPENMSK_VIEWER_PORT=str(ports["viewer"]),
         OPENMSK_SCP_PORT=str(ports["scp"]),
         OPENMSK_SCP_HOST="127.0.0.1",
         OPENMSK_ORTHANC_HTTP_PORT=str(ports["orthanc_http"]),
@@ -60,7 +61,7 @@ def test_up_starts_healthy_and_stops_cleanly(tmp_path: Path) -> None:
         print(f"node healthy after {took:.1f} s")
 
         children = descendants(node.pid)
-        assert len(children) >= 5  # redis, orthanc, scp, worker, web
+        assert len(children) >= 6  # redis, orthanc, scp, worker, web, viewer
         started = time.monotonic()
         node.send_signal(signal.SIGTERM)
         assert node.wait(timeout=12) == 0

@@ -1,7 +1,8 @@
 """The web room: a Flask app factory with blueprints, served by waitress (``web.server``).
 
 Blueprints, one responsibility each: ``health`` (``/health``) and ``metrics`` (``/metrics``), open to
-monitoring; ``api`` (``/api/...``, JSON, bearer token or session) and ``pages`` (HTML, signed-in session).
+monitoring; ``api`` (``/api/...``, JSON, bearer token or session) and ``pages`` (HTML, signed-in session);
+``to_viewer`` sends ``/viewer?...`` on to the OHIF viewer, which ``web.viewer`` serves on its own port.
 Cross-cutting pieces live in their own modules: ``auth`` (tokens, sign-in, CSRF), ``security`` (headers, rate
 limits), ``errors`` (JSON or a page for every error, never a traceback), ``upload`` (streaming and
 validation), ``stats`` and ``jobview`` (what a job and the queue look like), ``retention`` (periodic cleanup,
@@ -24,6 +25,7 @@ from web.metrics import metrics as metrics_blueprint
 from web.pages import pages as pages_blueprint
 from web.security import register_security_headers
 from web.stats import RecentDurations
+from web.viewer import to_viewer as to_viewer_blueprint
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -47,6 +49,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     register_security_headers(app, hsts=settings.web_secure_cookies)
     register_error_handlers(app)
     # Aliased: the package's own attributes `web.api` etc. must stay the modules.
-    for blueprint in (health_blueprint, metrics_blueprint, api_blueprint, pages_blueprint):
+    blueprints = (health_blueprint, metrics_blueprint, api_blueprint, pages_blueprint, to_viewer_blueprint)
+    for blueprint in blueprints:
         app.register_blueprint(blueprint)
     return app

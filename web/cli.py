@@ -1,5 +1,5 @@
 """``openmsk web``: run the web server against shared Redis and Orthanc; ``--hash-password`` makes a hash for
-``OPENMSK_WEB_USERS``."""
+``OPENMSK_WEB_USERS``. ``openmsk viewer``: the OHIF viewer's server on its own port."""
 
 from __future__ import annotations
 
@@ -16,6 +16,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="read a password (twice) and print its hash for OPENMSK_WEB_USERS=user:hash, then exit",
     )
     parser.set_defaults(func=_run)
+    viewer = subparsers.add_parser(
+        "viewer", help="serve the OHIF viewer and its DICOMweb proxy in the foreground"
+    )
+    viewer.set_defaults(func=_viewer)
+
+
+def _viewer(args: argparse.Namespace) -> int:
+    from openmsk.config import load_settings
+    from web.viewer import serve
+
+    return serve(load_settings())
 
 
 def _run(args: argparse.Namespace) -> int:

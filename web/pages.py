@@ -30,6 +30,7 @@ from web.auth import (
 from web.errors import RequestError
 from web.security import check_rate
 from web.stats import node_stats
+from web.viewer import study_link
 
 pages = Blueprint("pages", __name__)
 
@@ -137,6 +138,12 @@ def job(job_id: str) -> ResponseReturnValue:
     files = {row["name"]: row for row in detail["files"]}
     downloads = [(files[name], label) for name, label in jobview.DOWNLOADS if name in files]
     orthanc = record.deliveries.get("orthanc")
+    in_orthanc = bool(
+        record.study_uid and api.settings().orthanc_url and orthanc and orthanc.status == "done"
+    )
+    viewer_link = (
+        study_link(api.settings(), record.study_uid, request.host, request.scheme) if in_orthanc else None
+    )
     return render_template(
         "job.html",
         job=record,
@@ -145,9 +152,8 @@ def job(job_id: str) -> ResponseReturnValue:
         report=report,
         preview=files.get("preview.png"),
         downloads=downloads,
-        orthanc_link=bool(
-            record.study_uid and api.settings().orthanc_url and orthanc and orthanc.status == "done"
-        ),
+        orthanc_link=in_orthanc,
+        viewer_link=viewer_link,
         retention_hours=api.settings().retention_hours,
     )
 
