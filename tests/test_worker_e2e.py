@@ -133,10 +133,12 @@ def test_storescu_to_node_puts_seg_and_sr_into_the_study_in_orthanc(
         found = (
             nib.load(settings.data_path / f"jobs/{job.id}/output/labels.nii.gz").get_fdata().astype(np.uint8)
         )
+        # The pipeline put the labels back on the source grid: a flipped axis, a wrong reorientation or a shuffled
+        # label map gives Dice near 0. The model's own quality targets (0.95/0.75) are test_models_dice's job.
         for label in range(1, 10):
             score = dice(truth == label, found == label)
             print(f"label {label}: Dice {score:.3f}")
-            assert score >= (0.95 if label in BONES else 0.75), f"label {label}: Dice {score:.3f}"
+            assert score >= (0.9 if label in BONES else 0.6), f"label {label}: Dice {score:.3f}"
     finally:
         for proc in (scp, worker):
             proc.kill()
@@ -159,14 +161,16 @@ def test_killed_worker_job_finishes_on_second_worker_once(
         survivor = next(w for w in workers if w is not victim)
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=10)
-        killed_at = time.monotonic()
+        killed_at, killed_wall = time.monotonic(), time.time()
         wait_job(store, job.id, {JobState.DONE, JobState.FAILED}, 90)
         finished = time.monotonic() - killed_at
         job = store.get(job.id)
         assert job.state is JobState.DONE, job.error
         assert job.worker is not None and job.worker.endswith(f":{survivor.pid}")
         assert job.attempts == 2
-        print(f"finished on the second worker {finished:.1f} s after the kill")
+        redelivered = job.state_times["running"] - killed_wall
+        print(f"rerun started {redelivered:.1f} s and finished {finished:.1f} s after the kill")
+        assert redelivered < 15  # heartbeat timeout + a maintenance pass
         assert finished < 30
         segs = orthanc_series(orthanc_server, job.study_uid, "SEG")
         assert len(segs) == 1 and len(segs[0]["Instances"]) == 1  # the rerun replaced, never duplicated
