@@ -15,6 +15,7 @@ SEGMENT_ACTOR = "segment_job"
 SEGMENT_URGENT_ACTOR = "segment_job_urgent"
 DELIVER_ACTOR = "deliver_job"
 QUEUES = ("urgent", "default")
+DELIVER_QUEUE = "deliver"
 # Dramatiq orders a worker's pending messages by actor priority (lower first), not by queue: urgent jobs go to an
 # actor of their own so a worker that holds one of each takes the urgent one first.
 SEGMENT_ACTORS = {"urgent": SEGMENT_URGENT_ACTOR, "default": SEGMENT_ACTOR}

@@ -20,7 +20,7 @@ from openmsk.heartbeat import worker_id
 from openmsk.jobs import Delivery, ErrorCode, Job, JobState, JobStore, superseded_by
 from openmsk.models.registry import RegistryError, load_registry
 from openmsk.models.segmenter import Segmenter, load_segmenter
-from openmsk.queue import DELIVER_ACTOR, SEGMENT_ACTOR, SEGMENT_URGENT_ACTOR
+from openmsk.queue import DELIVER_ACTOR, DELIVER_QUEUE, SEGMENT_ACTOR, SEGMENT_URGENT_ACTOR
 from worker.destinations import DeliveryError, load_destinations
 from worker.errors import JobFailure
 from worker.inputs import load_input, load_series_instances
@@ -94,7 +94,7 @@ def segment_job(job_id: str) -> None:
         outputs = segment_volume(
             volume, segmenter, entry, job_output_dir(job), progress, dicom_outputs=bool(volume.sources)
         )
-    except Exception as exc:  # noqa: BLE001 - every failure must end in the job record, not only in a log
+    except Exception as exc:
         failure = exc if isinstance(exc, JobFailure) else _unexpected(exc)
         message = CurrentMessage.get_current_message()
         retries = message.options.get("retries", 0) if message is not None else MAX_RETRIES
@@ -133,7 +133,8 @@ segment_urgent = dramatiq.actor(
 )
 
 
-@dramatiq.actor(actor_name=DELIVER_ACTOR, queue_name="default", priority=5, max_retries=0)
+# Deliveries have a queue of their own: in "default" they would wait behind every queued segmentation.
+@dramatiq.actor(actor_name=DELIVER_ACTOR, queue_name=DELIVER_QUEUE, priority=5, max_retries=0)
 def deliver_job(job_id: str) -> None:
     jobs = store()
     job = jobs.get(job_id)
@@ -154,7 +155,7 @@ def deliver_job(job_id: str) -> None:
             destinations[name].send(dicom_files)
             destinations[name].confirm(job.study_uid, sop_uids)
             update = Delivery(status="done", attempts=delivery.attempts + 1)
-        except Exception as exc:  # noqa: BLE001 - a destination's own errors count as a failed attempt
+        except Exception as exc:
             attempts = delivery.attempts + 1
             spent = attempts > len(DELIVERY_BACKOFF_S)
             update = Delivery(
