@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 
 import dramatiq
 import redis
@@ -15,6 +16,20 @@ from openmsk.queue import QUEUES, make_broker
 from worker.device import device_info, resolve_device
 
 log = logging.getLogger("openmsk.worker")
+
+
+def preload_default_model() -> None:
+    """Load the default model before taking jobs, so no job (nor a rerun after a crash) pays the ~10 s load."""
+    from openmsk.models.registry import load_registry
+    from worker.actors import segmenter_for, settings
+
+    try:
+        name = load_registry(settings().model_registry).default.name
+        started = time.monotonic()
+        segmenter_for(name)
+        log.info("model %s loaded in %.1f s", name, time.monotonic() - started)
+    except Exception as exc:
+        log.warning("default model not preloaded: %s", exc)  # jobs report the error if it persists
 
 
 def run_worker(settings: Settings, stop: threading.Event | None = None) -> int:
@@ -42,6 +57,7 @@ def run_worker(settings: Settings, stop: threading.Event | None = None) -> int:
         redis.Redis.from_url(settings.redis_url), device_info(device), settings.worker_stale_s
     )
     heartbeat.start()
+    preload_default_model()
     worker.start()
     log.info("worker %s running on %s", heartbeat.ident, device)
     try:
