@@ -113,7 +113,15 @@ def test_storescu_to_node_puts_seg_and_sr_into_the_study_in_orthanc(
         assert {"load", "infer", "write", "analyse", "deliver"} <= set(job.stages)
         assert job.provenance.model_name == default_model and job.provenance.device == "cpu"
         names = {Path(f).name for f in job.files}
-        expected = {"seg.dcm", "sr.dcm", "labels.nii.gz", "report.json", "report.csv", "preview.png", "manifest.json"}
+        expected = {
+            "seg.dcm",
+            "sr.dcm",
+            "labels.nii.gz",
+            "report.json",
+            "report.csv",
+            "preview.png",
+            "manifest.json",
+        }
         assert expected <= names
 
         segs = orthanc_series(orthanc_server, job.study_uid, "SEG")

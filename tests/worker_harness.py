@@ -33,7 +33,12 @@ def stage_phantom(
 
 
 def submit(
-    redis_url: str, data_dir: Path, series_dir: Path, model: str, destinations: list[str], priority: str = "default"
+    redis_url: str,
+    data_dir: Path,
+    series_dir: Path,
+    model: str,
+    destinations: list[str],
+    priority: str = "default",
 ) -> Job:
     """Create and queue a job for the staged series, as the SCP does."""
     datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(series_dir.iterdir())]
