@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
+from dataclasses import replace as replace_fields
 from pathlib import Path
 
 from openmsk.models.registry import (
@@ -285,30 +286,30 @@ def install_model(
             for rel in ("plans.json", "dataset.json", *(f"fold_{f}/{checkpoint}" for f in folds)):
                 (dest / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(stage.path / rel, dest / rel)
-                files.append(target / first.dataset / stage.path.name / rel)
+                files.append(dest / rel)
+        staged = ModelEntry(
+            name=name,
+            kind=kind,
+            folder=build,
+            labels=label_map,
+            postprocess=postprocess,
+            sha256=hash_files(build, files),
+            version=version,
+            description=description
+            or f"nnU-Net v2 {first.dataset} " + " -> ".join(s.configuration for s in stages),
+            default=default,
+            dataset=first.dataset,
+            trainer=first.trainer,
+            plans=first.plans,
+            configurations=tuple(s.configuration for s in stages),
+            folds=folds,
+            checkpoint=checkpoint,
+        )
+        staged.verify()  # before anything next to the registry changes
         if target.exists():
             shutil.rmtree(target)
         shutil.move(str(build), str(target))
-    entry = ModelEntry(
-        name=name,
-        kind=kind,
-        folder=target,
-        labels=label_map,
-        postprocess=postprocess,
-        sha256=hash_files(target, files),
-        version=version,
-        description=description
-        or f"nnU-Net v2 {first.dataset} {' -> '.join(s.configuration for s in stages)}",
-        default=default,
-        dataset=first.dataset,
-        trainer=first.trainer,
-        plans=first.plans,
-        configurations=tuple(s.configuration for s in stages),
-        folds=folds,
-        checkpoint=checkpoint,
-    )
-    entry.verify()
-    upsert_entry(registry_path, entry, replace=replace)
+    upsert_entry(registry_path, replace_fields(staged, folder=target), replace=replace)
     return load_registry(registry_path).get(name)
 
 
@@ -338,6 +339,8 @@ def _install(args: argparse.Namespace) -> int:
         print(f"openmsk: {exc}", file=sys.stderr)
         return 1
     print(f"installed {entry.name} ({entry.kind}, {', '.join(entry.configurations)}) -> {entry.folder}")
+    if entry.trainer != "nnUNetTrainer":
+        print(f"note: nnU-Net must be able to import trainer class {entry.trainer} to load this model")
     print(f"registry: {Path(registry).resolve()}")
     return 0
 

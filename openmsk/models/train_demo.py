@@ -642,7 +642,9 @@ def train_demo(
         for name in models:
             started = time.monotonic()
             n_iter = iterations if iterations is not None else DEFAULT_ITERATIONS[name]
-            model_dir = out / name
+            # built beside the shipped folder and swapped in when complete: an interrupted run leaves the
+            # registered model as it was
+            model_dir = out / f".{name}.training"
             if model_dir.exists():
                 shutil.rmtree(model_dir)
             model_dir.mkdir(parents=True)
@@ -692,10 +694,16 @@ def train_demo(
                     "plans": PLANS,
                     "folds": ("all",),
                 }
+            sha256 = hash_files(model_dir, files)  # relative to the model folder: valid after the swap
+            final_dir = out / name
+            if final_dir.exists():
+                shutil.rmtree(final_dir)
+            os.replace(model_dir, final_dir)
+            files = [final_dir / f.relative_to(model_dir) for f in files]
             entry = ModelEntry(
                 name=name,
-                folder=model_dir,
-                sha256=hash_files(model_dir, files),
+                folder=final_dir,
+                sha256=sha256,
                 labels=dict(COMPARTMENT_FREE_LABELS),
                 postprocess=("split_medial_lateral",),
                 version=VERSION,
@@ -706,8 +714,10 @@ def train_demo(
             upsert_entry(registry_path, entry, replace=True)
             entries.append(entry)
             size_kb = sum(f.stat().st_size for f in files) / 1024
-            log(f"{name}: {info['train_seconds']:.0f} s, weights {size_kb:.0f} KiB -> {model_dir}")
+            log(f"{name}: {info['train_seconds']:.0f} s, weights {size_kb:.0f} KiB -> {final_dir}")
     finally:
+        for name in models:  # what an interrupted model left behind (a finished one was moved into place)
+            shutil.rmtree(out / f".{name}.training", ignore_errors=True)
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
     return entries
