@@ -30,8 +30,8 @@ from tests.test_viewer_proxy import (
     USER,
     Study,
     Viewer,
+    assert_dist_installed,
     delete_study,
-    needs_dist,
     start_viewer,
     stop_viewer,
     upload_study,
@@ -131,8 +131,8 @@ def save(image: np.ndarray, name: str) -> None:
     Image.fromarray(image.astype(np.uint8)).save(OUTPUT_DIR / name)
 
 
-@needs_dist
 def test_viewer_shows_the_study_and_the_nodes_seg(viewer: Viewer, study: Study) -> None:
+    assert_dist_installed()
     assert CHROMIUM.exists(), "install Debian's chromium: apt-get install --no-install-recommends chromium"
     shutil.rmtree(OUTPUT_DIR, ignore_errors=True)
     OUTPUT_DIR.mkdir(parents=True)
