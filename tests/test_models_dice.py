@@ -20,8 +20,7 @@ from openmsk.models.segmenter import from_canonical, load_segmenter, to_canonica
 from openmsk.phantom import LABELS, Phantom, generate
 
 REGISTRY = REPO_DIR / "models" / "registry.toml"
-# nnunet_cascade is not shipped yet (its demo weights are still to be trained; issue 3 stays open for it).
-MODELS = ("nnunet_fullres", "dosma_2d")
+MODELS = ("nnunet_fullres", "nnunet_cascade", "dosma_2d")
 # Seeds far below the training seeds (>= 100000, listed in each model's training.json).
 CASES = (
     (11, "sagittal", "R"),

@@ -207,11 +207,12 @@ def test_duplicate_names_and_defaults_are_refused(tmp_path: Path) -> None:
 
 def test_shipped_registry_lists_the_demo_models() -> None:
     registry = load_registry(SHIPPED)
-    assert registry.names == ["nnunet_fullres", "dosma_2d"]  # nnunet_cascade: weights not shipped yet
+    assert registry.names == ["nnunet_fullres", "nnunet_cascade", "dosma_2d"]
     assert registry.default.name == "nnunet_fullres"
     kinds = {m.name: m.kind for m in registry.models}
     assert kinds == {
         "nnunet_fullres": "nnunet",
+        "nnunet_cascade": "nnunet_cascade",
         "dosma_2d": "slicewise2d",
     }
     for model in registry.models:
@@ -338,11 +339,14 @@ def test_install_zip_refuses_unsafe_entries(
     assert not (tmp_path / "escape.txt").exists()
 
 
-def test_install_shipped_model_folder_matches_its_entry(tmp_path: Path) -> None:
-    """The shipped demo folder is a real nnU-Net results folder: installing it gives the shipped hashes."""
-    shipped = load_registry(SHIPPED).get("nnunet_fullres")
+@pytest.mark.parametrize("name", ["nnunet_fullres", "nnunet_cascade"])
+def test_install_shipped_model_folder_matches_its_entry(tmp_path: Path, name: str) -> None:
+    """The shipped demo folders are real nnU-Net results folders: installing one reproduces its entry."""
+    shipped = load_registry(SHIPPED).get(name)
     registry = tmp_path / "registry.toml"
     entry = models_cli.install_model(shipped.folder, registry, name="copy")
-    assert entry.kind == "nnunet" and entry.configurations == ("3d_fullres",)
-    assert entry.folds == ("all",)
+    assert (entry.kind, entry.configurations, entry.folds) == (shipped.kind, shipped.configurations, ("all",))
+    assert entry.labels == shipped.labels and entry.postprocess == shipped.postprocess == (
+        "split_medial_lateral",
+    )
     assert entry.sha256 == dict(shipped.sha256)
