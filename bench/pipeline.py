@@ -23,6 +23,7 @@ from openmsk.models.segmenter import load_segmenter
 from openmsk.phantom import generate, write_series
 from worker.pipeline import segment_volume
 from worker.volume import load_series, read_series
+from worker.warmup import warm_up_outputs
 
 SEED_NON_INFERENCE_S = 210.0  # seed service: meshes + thickness, ~3.5 min per knee
 
@@ -38,7 +39,9 @@ def main() -> None:
     settings = load_settings()
     registry = load_registry(settings.model_registry)
     entry = registry.get(args.model) if args.model else registry.default
-    segmenter = load_segmenter(entry, args.device)  # warm, as in a worker that has run a job before
+    # As a worker starts: model loaded, write/analyse warmed up (worker.process.preload_default_model).
+    segmenter = load_segmenter(entry, args.device)
+    print(f"warm-up of the write/analyse stages: {warm_up_outputs():.1f} s (at worker start, not per job)")
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)

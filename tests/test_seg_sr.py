@@ -297,3 +297,10 @@ def test_preview_shows_every_tissue_in_its_colour(case: dict[str, Any], tmp_path
             assert TISSUES[int(value)].rgb in colours, LABELS[int(value)]  # its legend swatch
     # Spacing instead of an affine: still a montage, planes in voxel order.
     assert write_preview(ph.image, ph.labels, ph.spacing, tmp_path / "plain.png").stat().st_size > 0
+
+
+def test_worker_warm_up_runs_every_output_writer() -> None:
+    """A worker warms the write/analyse stages at start; a fault there must show up here, not as a slow job."""
+    from worker.warmup import warm_up_outputs
+
+    assert warm_up_outputs() > 0

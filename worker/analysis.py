@@ -64,8 +64,9 @@ _FIRST_PASS_MM = 5.0
 # Rays start this many of the largest voxel spacings inside the bone, so that the interpolated mask is still
 # zero where they begin.
 _RAY_START_VOXELS = 1.5
-# Ray sample step as a fraction of the smallest spacing: fine enough that the integral's error is negligible.
-_RAY_STEP_FRACTION = 0.25
+# Ray sample step as a fraction of the smallest spacing: half a voxel changes no thickness by more than 0.3 %
+# from a quarter (measured on the phantoms); the random ray starts average the sampling error out.
+_RAY_STEP_FRACTION = 0.5
 # Seed of the ray start jitter (any fixed number: it only makes the result repeatable).
 _JITTER_SEED = 20_240_917
 # Gaussian kernels end at this many sigmas (scipy's default of 4 costs a third more for no visible change).
@@ -138,7 +139,6 @@ def cartilage_thickness(
     (``scipy.ndimage.find_objects``), to save a pass.
     """
     from scipy import ndimage as ndi
-    from scipy.spatial import cKDTree
 
     labels, sp = _check_inputs(labels, spacing)
     if box is None:
@@ -197,17 +197,16 @@ def cartilage_thickness(
 
     # Distance from each face's bone voxel to the edge of the covered area (the nearest bare bone-surface
     # voxel) or to the border of the image, which cuts a sheet as its own edge does.
-    bare_points = np.argwhere(bare)
-    if len(bare_points):
-        edge_mm, _ = cKDTree(bare_points * sp).query(bone_voxels * sp, k=1)
-    else:
-        edge_mm = np.full(len(raw), np.inf)
+    bare_points = np.argwhere(bare) * sp
     full_index = bone_voxels + np.array([s.start for s in crop])
-    border_mm = np.minimum(full_index, np.array(labels.shape) - 1 - full_index) * sp
-    edge_mm = np.minimum(edge_mm, border_mm.min(axis=1))
-    keep = edge_mm > _weighted_quantile(raw, weight, 0.5)
+    border_mm = (np.minimum(full_index, np.array(labels.shape) - 1 - full_index) * sp).min(axis=1)
+    edge_band = _weighted_quantile(raw, weight, 0.5)
+    # Only "nearer than the band?" matters here, so the search stops at the band (most faces are farther).
+    edge_mm = np.minimum(_edge_distance(bare_points, bone_voxels * sp, edge_band * 1.001), border_mm)
+    keep = edge_mm > edge_band
     if weight[keep].sum() < _MIN_KEPT_FRACTION * weight.sum():
         # Too thin or fragmented for an edge band: keep the faces farthest from the edge.
+        edge_mm = np.minimum(_edge_distance(bare_points, bone_voxels * sp, np.inf), border_mm)
         keep = edge_mm >= _weighted_quantile(edge_mm, weight, 1.0 - _MIN_KEPT_FRACTION)
 
     # Smooth over the interface by normalised convolution on the bone voxels (weighted by area).
@@ -234,6 +233,18 @@ def cartilage_thickness(
         "interface_area_mm2": float(weight.sum()),
         "voxels_across": _weighted_quantile(thickness / extent, w, 0.5),
     }
+
+
+def _edge_distance(
+    bare_mm: NDArray[np.float64], points_mm: NDArray[np.float64], upper_bound: float
+) -> NDArray[np.float64]:
+    """Distance (mm) from each point to the nearest bare bone-surface point; ``inf`` beyond *upper_bound*."""
+    from scipy.spatial import cKDTree
+
+    if len(bare_mm) == 0:
+        return np.full(len(points_mm), np.inf)
+    distance, _ = cKDTree(bare_mm).query(points_mm, k=1, distance_upper_bound=upper_bound)
+    return distance
 
 
 def _interface_faces(
@@ -342,8 +353,13 @@ def analyse(labels: NDArray[Any], spacing: Sequence[float]) -> dict[str, Any]:
         raise ValueError("labels must lie in 0..255")
     small = labels.astype(np.uint8, copy=False)
     voxel_mm3 = float(np.prod(sp))
-    counts = np.bincount(small.ravel(), minlength=256)
     boxes = ndi.find_objects(small)
+    # Counting inside each label's bounding box: a compare per box is several times cheaper than
+    # np.bincount, which first widens the whole volume to 64-bit integers.
+    counts = np.zeros(256, dtype=np.int64)
+    for index, box in enumerate(boxes):
+        if box is not None:
+            counts[index + 1] = np.count_nonzero(small[box] == index + 1)
 
     tissues: dict[str, Any] = {}
     for value, tissue in TISSUES.items():

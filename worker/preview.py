@@ -122,7 +122,8 @@ def _slice_positions(labels: NDArray[Any], axis: int) -> list[int]:
 
 def _cut(volume: NDArray[Any], plane: _Plane, index: int) -> NDArray[Any]:
     """The 2D slice of *volume* at *index* along ``plane.fixed``, as (vertical, horizontal) display rows."""
-    cut = np.take(volume, index, axis=plane.fixed)
+    # Basic indexing gives a view; np.take would copy through the whole (often strided) volume.
+    cut = volume[(slice(None),) * plane.fixed + (index,)]
     remaining = [a for a in range(3) if a != plane.fixed]
     cut = cut.transpose(remaining.index(plane.vertical), remaining.index(plane.horizontal))
     if plane.flip_vertical:
@@ -258,7 +259,7 @@ def write_preview(
     fd, tmp = tempfile.mkstemp(prefix=".", suffix=".png", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            canvas.save(fh, format="PNG", optimize=False)
+            canvas.save(fh, format="PNG", compress_level=3)  # level 6 (default): 3x the time, no smaller
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -19,9 +19,11 @@ log = logging.getLogger("openmsk.worker")
 
 
 def preload_default_model() -> None:
-    """Load the default model before taking jobs, so no job (nor a rerun after a crash) pays the ~10 s load."""
+    """Load the default model and warm the write stages before taking jobs, so no job (nor a rerun after a
+    crash) pays the ~10 s model load or the first-call costs of highdicom and SciPy."""
     from openmsk.models.registry import load_registry
     from worker.actors import segmenter_for, settings
+    from worker.warmup import warm_up_outputs
 
     try:
         name = load_registry(settings().model_registry).default.name
@@ -30,6 +32,10 @@ def preload_default_model() -> None:
         log.info("model %s loaded in %.1f s", name, time.monotonic() - started)
     except Exception as exc:
         log.warning("default model not preloaded: %s", exc)  # jobs report the error if it persists
+    try:
+        log.info("write/analyse stages warmed up in %.1f s", warm_up_outputs())
+    except Exception as exc:  # a warm-up is an optimisation: a job would show the same fault with its context
+        log.warning("write/analyse warm-up failed: %s", exc)
 
 
 def run_worker(settings: Settings, stop: threading.Event | None = None) -> int:
