@@ -24,18 +24,23 @@ import secrets
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import cache
+from urllib.parse import urlsplit
 
+import redis
 from flask import Flask, current_app, g, request, session
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from openmsk.config import ConfigError, Settings, env_name
 from openmsk.stored_secrets import API_TOKEN, WEB_SECRET_KEY, secret_path, stored_secret
 from web.errors import RequestError
+from web.security import check_rate
 
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
 SESSION_LIFETIME = timedelta(hours=12)
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+LOGIN_RATE_LIMIT = 10  # sign-in attempts per client address per minute
+WRONG_CREDENTIALS = "Wrong user name or password."
 
 
 def accepted_tokens(settings: Settings) -> list[str]:
@@ -170,6 +175,23 @@ def login_session(principal: str) -> None:
 
 def logout_session() -> None:
     session.clear()
+
+
+def sign_in_from_form(client: redis.Redis) -> str | None:
+    """Check the posted sign-in form (rate-limited per address); on success start a session for the
+    principal and return it. The pages and the viewer share this, so both refuse and accept alike."""
+    check_rate(client, "sign-in", request.remote_addr or "?", LOGIN_RATE_LIMIT)
+    principal = credentials().login(request.form.get("user", "").strip(), request.form.get("password", ""))
+    if principal is not None:
+        login_session(principal)
+    return principal
+
+
+def safe_next(target: str | None, default: str) -> str:
+    """Where to go after signing in: *target* only if it is a path on this origin (no scheme, host or
+    ``//``), else *default* — an open redirect would send a fresh session anywhere."""
+    unsafe = not target or not target.startswith("/") or target.startswith(("//", "/\\"))
+    return default if unsafe or urlsplit(target).netloc else target  # type: ignore[return-value]
 
 
 def authenticate_api() -> None:

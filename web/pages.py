@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import requests
 from flask import Blueprint, current_app, g, redirect, render_template, request, url_for
@@ -20,12 +19,14 @@ from web import api, jobview, upload
 from web.auth import (
     CSRF_FIELD,
     SAFE_METHODS,
+    WRONG_CREDENTIALS,
     check_csrf,
     client_key,
     credentials,
-    login_session,
     logout_session,
+    safe_next,
     session_principal,
+    sign_in_from_form,
 )
 from web.errors import RequestError
 from web.security import check_rate
@@ -35,7 +36,6 @@ from web.viewer import study_link
 pages = Blueprint("pages", __name__)
 
 PUBLIC_ENDPOINTS = {"pages.login"}
-LOGIN_RATE_LIMIT = 10  # sign-in attempts per client per minute
 
 
 @pages.before_request
@@ -52,24 +52,13 @@ def require_login() -> ResponseReturnValue | None:
     return None
 
 
-def _safe_next(target: str | None) -> str:
-    """Only a path on this site (no scheme, no host, no ``//``) may be the target after signing in."""
-    unsafe = not target or not target.startswith("/") or target.startswith(("//", "/\\"))
-    return url_for("pages.upload_page") if unsafe or urlsplit(target).netloc else target
-
-
 @pages.route("/login", methods=["GET", "POST"])
 def login() -> ResponseReturnValue:
     error = None
     if request.method == "POST":
-        check_rate(api.store().redis, "sign-in", request.remote_addr or "?", LOGIN_RATE_LIMIT)
-        principal = credentials().login(
-            request.form.get("user", "").strip(), request.form.get("password", "")
-        )
-        if principal is not None:
-            login_session(principal)
-            return redirect(_safe_next(request.form.get("next")))
-        error = "Wrong user name or password."
+        if sign_in_from_form(api.store().redis) is not None:
+            return redirect(safe_next(request.form.get("next"), url_for("pages.upload_page")))
+        error = WRONG_CREDENTIALS
     users = bool(credentials().users)
     status = 401 if error else 200
     return render_template("login.html", error=error, users=users, next=request.args.get("next", "")), status

@@ -42,7 +42,7 @@ from flask import (
     g,
     jsonify,
     redirect,
-    render_template_string,
+    render_template,
     request,
     send_from_directory,
     url_for,
@@ -53,16 +53,18 @@ from werkzeug.exceptions import HTTPException, NotFound
 from openmsk.config import REPO_DIR, Settings, load_settings
 from web.auth import (
     CSRF_FIELD,
+    WRONG_CREDENTIALS,
     bearer_principal,
     check_csrf,
     credentials,
     init_auth,
-    login_session,
     logout_session,
+    safe_next,
     session_principal,
+    sign_in_from_form,
 )
 from web.errors import RequestError
-from web.security import HEADERS, check_rate
+from web.security import HEADERS
 
 log = logging.getLogger("openmsk.viewer")
 
@@ -105,46 +107,6 @@ VIEWER_HEADERS = {
     "Content-Security-Policy": VIEWER_CSP,
     "Cross-Origin-Embedder-Policy": "require-corp",
 }
-
-LOGIN_PAGE = """<!doctype html>
-<html lang="en">
-<head>
-  <meta charset="utf-8">
-  <meta name="viewport" content="width=device-width, initial-scale=1">
-  <title>Sign in · OpenMSK viewer</title>
-  <link rel="icon" href="data:,">
-  <link rel="stylesheet" href="{{ url_for('static', filename='style.css') }}">
-</head>
-<body>
-  <header class="topbar"><span class="brand">OpenMSK <span>Viewer</span></span></header>
-  <main>
-    <section class="card narrow">
-      <h1>Sign in</h1>
-      {% if error %}<div class="alert" role="alert">{{ error }}</div>{% endif %}
-      <form method="post" action="{{ url_for('viewer.login') }}" class="stack">
-        <input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
-        <input type="hidden" name="next" value="{{ next }}">
-        <label>User
-          <input type="text" name="user" autocomplete="username" autocapitalize="off" spellcheck="false">
-        </label>
-        <label>Password or API token
-          <input type="password" name="password" autocomplete="current-password" required>
-        </label>
-        <button type="submit" class="primary">Sign in</button>
-      </form>
-      <p class="muted small">The viewer uses the node's sign-in: {% if users %}your account, or an empty user
-        and an API token.{% else %}leave the user empty and give the node's API token.{% endif %}</p>
-    </section>
-  </main>
-</body>
-</html>
-"""
-MESSAGE_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{{ title }} · OpenMSK viewer</title>
-<link rel="stylesheet" href="{{ url_for('static', filename='style.css') }}"></head>
-<body><main><section class="card narrow"><h1>{{ title }}</h1><p>{{ message }}</p>
-{% if hint %}<p class="muted">{{ hint }}</p>{% endif %}</section></main></body></html>
-"""
 
 
 # ------------------------------------------------------------------------------------------ configuration
@@ -264,7 +226,7 @@ def _message(status: int, code: str, title: str, message: str, hint: str = "") -
     if _is_proxy(request.path) or request.accept_mimetypes.best == "application/json":
         response = jsonify({"error": {"code": code, "message": message, "hint": hint}})
     else:
-        page = render_template_string(MESSAGE_PAGE, title=title, message=message, hint=hint)
+        page = render_template("viewer_page.html", title=title, message=message, hint=hint)
         response = Response(page, mimetype="text/html")
     response.status_code = status
     return response
@@ -292,31 +254,22 @@ def require_login() -> ResponseReturnValue | None:
     return None
 
 
-def _safe_next(target: str | None) -> str:
-    """Only a path on this origin may be the target after signing in."""
-    unsafe = not target or not target.startswith("/") or target.startswith(("//", "/\\"))
-    return "/" if unsafe or urlsplit(target).netloc else target  # type: ignore[return-value]
-
-
 @viewer.route(f"{OWN_PREFIX}/login", methods=["GET", "POST"])
 def login() -> ResponseReturnValue:
     """The web pages' sign-in, on the viewer's origin (same credentials, rate limit and session)."""
-    from web.pages import LOGIN_RATE_LIMIT  # here: web.pages imports this module
-
     error = None
     if request.method == "POST":
         check_csrf(request.form.get(CSRF_FIELD))
-        client = current_app.extensions["openmsk_redis"]
-        check_rate(client, "sign-in", request.remote_addr or "?", LOGIN_RATE_LIMIT)
-        principal = credentials().login(
-            request.form.get("user", "").strip(), request.form.get("password", "")
-        )
-        if principal is not None:
-            login_session(principal)
-            return redirect(_safe_next(request.form.get("next")))
-        error = "Wrong user name or password."
-    page = render_template_string(
-        LOGIN_PAGE, error=error, users=bool(credentials().users), next=request.args.get("next", "")
+        if sign_in_from_form(current_app.extensions["openmsk_redis"]) is not None:
+            return redirect(safe_next(request.form.get("next"), "/"))
+        error = WRONG_CREDENTIALS
+    page = render_template(
+        "viewer_page.html",
+        title="Sign in",
+        sign_in=True,
+        error=error,
+        users=bool(credentials().users),
+        next=request.args.get("next", ""),
     )
     return page, 401 if error else 200
 
