@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +64,7 @@ from web.auth import (
 )
 from web.errors import RequestError
 from web.security import HEADERS
+from web.serving import run_until_signal
 
 log = logging.getLogger("openmsk.viewer")
 
@@ -422,31 +422,9 @@ def create_viewer_app(settings: Settings | None = None) -> Flask:
 
 def serve(settings: Settings) -> int:
     """Run the viewer with waitress on ``OPENMSK_WEB_HOST:OPENMSK_VIEWER_PORT`` until SIGTERM/SIGINT."""
-    from waitress.server import create_server
-
     app = create_viewer_app(settings)
     if not (settings.viewer_dist / "index.html").is_file():
         log.warning("OHIF viewer not installed (%s): run `%s`", settings.viewer_dist, NPM_INSTALL)
-    server = create_server(
-        app,
-        host=settings.web_host,
-        port=settings.viewer_port,
-        threads=THREADS,
-        ident="openmsk",
-        max_request_body_size=64 * 1024,  # sign-in forms only: the proxy is read-only
-        expose_tracebacks=False,
-    )
-
-    def shut_down(*_: object) -> None:
-        raise SystemExit(0)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, shut_down)
-    log.info("viewer listening on http://%s:%d", settings.web_host, settings.viewer_port)
-    try:
-        server.run()
-    except SystemExit:
-        pass
-    finally:
-        server.close()
+    # sign-in forms only: the proxy is read-only
+    run_until_signal(app, settings.web_host, settings.viewer_port, 64 * 1024, "viewer", THREADS)
     return 0

@@ -1,0 +1,44 @@
+"""Run a WSGI app with waitress until SIGTERM/SIGINT: the web app (``web.server``) and the viewer."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from typing import TYPE_CHECKING
+
+from waitress.server import create_server
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIApplication
+
+log = logging.getLogger("openmsk.web")
+
+THREADS = 8  # request threads of the web app (the viewer's proxy needs more: web.viewer)
+
+
+def run_until_signal(
+    app: WSGIApplication, host: str, port: int, max_body: int, name: str, threads: int = THREADS
+) -> None:
+    """Serve *app* with waitress on *host:port* until SIGTERM/SIGINT (the web app and the viewer)."""
+    server = create_server(
+        app,
+        host=host,
+        port=port,
+        threads=threads,
+        ident="openmsk",
+        max_request_body_size=max_body,
+        expose_tracebacks=False,
+    )
+
+    def shut_down(*_: object) -> None:
+        raise SystemExit(0)  # unwinds waitress's event loop in the main thread
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, shut_down)
+    log.info("%s listening on http://%s:%d", name, host, port)
+    try:
+        server.run()
+    except SystemExit:
+        pass
+    finally:
+        server.close()
