@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any
 
 
 class DeliveryError(Exception):
@@ -23,3 +24,24 @@ class Destination(ABC):
 
     def confirm(self, study_uid: str, sop_uids: list[str]) -> None:  # noqa: B027 - optional for a type
         """Check the instances are in ``study_uid`` at the destination (only where it can be asked)."""
+
+
+class HttpDestination(Destination):
+    """A destination reached over HTTP(S) at *url*, with optional basic authentication."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        url: str,
+        user: str | None = None,
+        password: str | None = None,
+        labelmap: bool = False,
+    ) -> None:
+        self.name, self.url, self.labelmap = name, url.rstrip("/"), labelmap
+        self.user, self.password = user, password
+        self.client = self._connect()
+
+    @abstractmethod
+    def _connect(self) -> Any:
+        """The client library's object for ``self.url`` with these credentials (no request is made yet)."""

@@ -8,24 +8,15 @@ import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
 
-from worker.destinations.base import DeliveryError, Destination
+from worker.destinations.base import DeliveryError, HttpDestination
 
 
-class DicomWebDestination(Destination):
-    def __init__(
-        self,
-        *,
-        name: str,
-        url: str,
-        user: str | None = None,
-        password: str | None = None,
-        labelmap: bool = False,
-    ) -> None:
-        self.name, self.url, self.labelmap = name, url.rstrip("/"), labelmap
+class DicomWebDestination(HttpDestination):
+    def _connect(self) -> DICOMwebClient:
         session = requests.Session()
-        if user:
-            session.auth = (user, password or "")
-        self.client = DICOMwebClient(url=self.url, session=session)
+        if self.user:
+            session.auth = (self.user, self.password or "")
+        return DICOMwebClient(url=self.url, session=session)
 
     def send(self, files: list[Path]) -> None:
         try:

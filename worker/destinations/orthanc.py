@@ -8,21 +8,12 @@ import requests
 from orthanc_api_client import OrthancApiClient
 from orthanc_api_client.exceptions import OrthancApiException
 
-from worker.destinations.base import DeliveryError, Destination
+from worker.destinations.base import DeliveryError, HttpDestination
 
 
-class OrthancDestination(Destination):
-    def __init__(
-        self,
-        *,
-        name: str,
-        url: str,
-        user: str | None = None,
-        password: str | None = None,
-        labelmap: bool = False,
-    ) -> None:
-        self.name, self.url, self.labelmap = name, url.rstrip("/"), labelmap
-        self.client = OrthancApiClient(self.url, user=user, pwd=password)
+class OrthancDestination(HttpDestination):
+    def _connect(self) -> OrthancApiClient:
+        return OrthancApiClient(self.url, user=self.user, pwd=self.password)
 
     def send(self, files: list[Path]) -> None:
         for path in files:
