@@ -32,15 +32,19 @@ def _segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from openmsk.config import load_settings
-    from openmsk.models.registry import load_registry
-    from openmsk.models.segmenter import load_segmenter
+    from openmsk.models.registry import RegistryError, load_registry
+    from openmsk.models.segmenter import SegmenterError, load_segmenter
     from worker.errors import JobFailure
     from worker.inputs import load_input
     from worker.pipeline import overall_percent, segment_volume
 
     settings = load_settings()
-    registry = load_registry(settings.model_registry)
-    entry = registry.get(args.model) if args.model else registry.default
+    try:
+        registry = load_registry(settings.model_registry)
+        entry = registry.get(args.model) if args.model else registry.default
+    except RegistryError as exc:
+        print(f"openmsk: error: {exc}", file=sys.stderr)
+        return 2
     bar = tqdm(
         total=100, unit="%", bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}]", file=sys.stderr
     )
@@ -68,6 +72,10 @@ def _segment(args: argparse.Namespace) -> int:
         bar.close()
         print(f"openmsk: {failure.code.value}: {failure.message}. {failure.hint}", file=sys.stderr)
         return 1
+    except (RegistryError, SegmenterError) as exc:  # the model's files: missing, corrupt, wrong hash
+        bar.close()
+        print(f"openmsk: error: {exc}", file=sys.stderr)
+        return 2
     progress("deliver", 1.0)
     bar.close()
     for path in outputs.files:
