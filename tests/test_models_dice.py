@@ -18,6 +18,7 @@ from openmsk.config import REPO_DIR
 from openmsk.models.registry import load_registry
 from openmsk.models.segmenter import from_canonical, load_segmenter, to_canonical
 from openmsk.phantom import LABELS, Phantom, generate
+from tests.quality import dice, threshold
 
 REGISTRY = REPO_DIR / "models" / "registry.toml"
 MODELS = ("nnunet_fullres", "nnunet_cascade", "dosma_2d")
@@ -29,19 +30,11 @@ CASES = (
     (14, "oblique", "L"),
     (15, "sagittal", "L"),
 )
-BONES = (1, 2, 3)
-BONE_DICE = 0.95
-SOFT_DICE = 0.75
 
 
 @pytest.fixture(scope="module")
 def phantoms() -> list[Phantom]:
     return [generate(seed, "small", orientation, laterality) for seed, orientation, laterality in CASES]
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -74,15 +67,15 @@ def test_dice_on_unseen_phantoms(
         f"  {'label':<26} {'mean':>5} {'min':>5}  " + " ".join(f"{o[:3]}{lat}" for _, o, lat in CASES),
     ]
     for j, (label, tissue) in enumerate(LABELS.items()):
-        threshold = BONE_DICE if label in BONES else SOFT_DICE
-        ok = means[j] >= threshold
+        required = threshold(label)
+        ok = means[j] >= required
         lines.append(
             f"  {tissue:<26} {means[j]:.3f} {scores[:, j].min():.3f}  "
             + " ".join(f"{s:.2f}" for s in scores[:, j])
-            + ("" if ok else f"  < {threshold}")
+            + ("" if ok else f"  < {required}")
         )
         if not ok:
-            failures.append(f"{tissue} {means[j]:.3f} < {threshold}")
+            failures.append(f"{tissue} {means[j]:.3f} < {required}")
     with capsys.disabled():
         print("\n".join(lines))
     assert not failures, f"{name}: " + "; ".join(failures)

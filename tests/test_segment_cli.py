@@ -21,6 +21,7 @@ import pytest
 
 from openmsk.config import REPO_DIR
 from openmsk.phantom import generate, write_series
+from tests.quality import dice
 
 MODEL = "dosma_2d"
 RESULTS = {"labels.nii.gz", "preview.png", "report.json", "report.csv", "manifest.json"}
@@ -47,10 +48,6 @@ def series(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                         tmp_path_factory.mktemp("phantom"))  # fmt: skip
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * np.count_nonzero(a & b) / max(1, np.count_nonzero(a) + np.count_nonzero(b)))
-
-
 def test_dicom_folder_gives_every_output(series: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
     run = _segment(series["dicom_dir"], "--model", MODEL, "--out", out, cwd=tmp_path)
@@ -65,7 +62,7 @@ def test_dicom_folder_gives_every_output(series: dict[str, Path], tmp_path: Path
     truth = np.asarray(nib.load(series["labels"]).dataobj)
     found = np.asarray(nib.load(out / "labels.nii.gz").dataobj)
     assert found.shape == truth.shape
-    assert _dice(truth == 1, found == 1) > 0.9  # femur: a flipped or shuffled grid would score near 0
+    assert dice(truth == 1, found == 1) > 0.9  # femur: a flipped or shuffled grid would score near 0
     seg = pydicom.dcmread(out / "seg.dcm", stop_before_pixels=True)
     source = pydicom.dcmread(next(series["dicom_dir"].iterdir()), stop_before_pixels=True)
     assert seg.StudyInstanceUID == source.StudyInstanceUID
@@ -102,7 +99,7 @@ def test_nifti_gives_no_dicom_outputs(series: dict[str, Path], tmp_path: Path) -
     assert run.returncode == 0, run.stderr
     assert {p.name for p in out.iterdir()} == RESULTS
     found = np.asarray(nib.load(out / "labels.nii.gz").dataobj)
-    assert _dice(phantom.labels == 1, found == 1) > 0.9
+    assert dice(phantom.labels == 1, found == 1) > 0.9
 
 
 @pytest.mark.parametrize(

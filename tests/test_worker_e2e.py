@@ -22,19 +22,13 @@ from openmsk.orthanc_query import client_for, list_series
 from openmsk.phantom import generate, write_series
 from tests.conftest import ORTHANC_PASSWORD, ORTHANC_USER
 from tests.processes import openmsk, settings_env, wait_for
+from tests.quality import BONES, dice
 from tests.worker_harness import stage_phantom, submit
-
-BONES = (1, 2, 3)
 
 
 def _port_open(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / float(total)
 
 
 def orthanc_series(orthanc: ManagedOrthanc, study_uid: str, modality: str) -> list[dict]:

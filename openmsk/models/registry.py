@@ -19,7 +19,8 @@ File format (paths relative to the TOML file's directory unless absolute)::
     configurations = ["3d_fullres"]      # cascade: ["3d_lowres", "3d_cascade_fullres"]
     folds = ["all"]
     checkpoint = "checkpoint_final.pth"  # slicewise2d: the weights file, relative to `folder`
-    postprocess = ["split_medial_lateral"]  # optional: assign medial/lateral by anatomy
+    postprocess = ["remove_bone_islands", "split_medial_lateral"]  # optional steps, in order: clear
+                                         # small bone islands; assign medial/lateral by anatomy
     version = "1.0.0"
     description = "..."
     default = true
@@ -54,7 +55,7 @@ KINDS = ("nnunet", "nnunet_cascade", "slicewise2d")
 NNUNET_KINDS = ("nnunet", "nnunet_cascade")
 CASCADE_CONFIGURATIONS = ("3d_lowres", "3d_cascade_fullres")
 # Named steps a model's output may go through after its label map (see openmsk.models.segmenter).
-POSTPROCESS_STEPS = ("split_medial_lateral",)
+POSTPROCESS_STEPS = ("remove_bone_islands", "split_medial_lateral")
 # Canonical tissue names -> label values, from OpenMSK's one tissue table (openmsk.labels).
 CANONICAL_IDS: dict[str, int] = {t.name: t.label for t in TISSUES.values()}
 # Tissues a model may output without saying which compartment (DOSMA's convention); the split_medial_lateral

@@ -188,8 +188,45 @@ def _otsu_1d(values: NDArray[np.float64], weights: NDArray[np.float64]) -> float
     return best_t
 
 
+_BONES = tuple(BY_NAME[name].label for name in ("femur", "tibia", "patella"))
+ISLAND_FRACTION = 0.2  # a bone's pieces smaller than this share of its largest are islands
+
+
+def bone_islands_removed(labels: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """Clear the small islands of each bone, in place: face-connected pieces under
+    :data:`ISLAND_FRACTION` of the bone's largest piece become background.
+
+    Femur, tibia and patella are each one connected object; small islands apart from the main piece are false
+    positives (speckle in the shafts or the fat pad) that add to the bone's volume, a SEG segment's extent and
+    the cartilage analysis' search boxes. Pieces of comparable size are all kept: a model that splits a bone
+    in two must not lose half of it (nnU-Net's own "largest component only" is decided per label on
+    validation data for that reason).
+    """
+    from scipy import ndimage as ndi
+
+    boxes = ndi.find_objects(labels, max_label=max(_BONES))
+    for bone in _BONES:
+        box = boxes[bone - 1]
+        if box is None:
+            continue
+        region = labels[box]  # a view: writes go to labels
+        mask = region == bone
+        pieces, count = ndi.label(mask)
+        if count <= 1:
+            continue
+        piece_of = pieces[mask]  # only the bone's voxels: a fraction of its box
+        sizes = np.bincount(piece_of, minlength=count + 1)
+        small = sizes < ISLAND_FRACTION * sizes.max()
+        if small[1:].any():
+            values = region[mask]
+            values[small[piece_of]] = 0
+            region[mask] = values
+    return labels
+
+
 # Registry step name -> in-place function on canonical labels (names are validated by the registry).
 POSTPROCESS: dict[str, Callable[[NDArray[np.uint8]], NDArray[np.uint8]]] = {
+    "remove_bone_islands": bone_islands_removed,
     "split_medial_lateral": split_medial_lateral,
 }
 assert set(POSTPROCESS) == set(POSTPROCESS_STEPS)
