@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from openmsk import __version__
 from openmsk.jobs import ErrorCode
 from openmsk.models.registry import ModelEntry
 from openmsk.models.segmenter import Segmenter, from_canonical, to_canonical
-from worker.analysis import analyse
+from worker.analysis_process import start_analysis
 from worker.errors import JobFailure
 from worker.preview import write_preview
 from worker.report import write_report
@@ -111,35 +110,36 @@ def segment_volume(
         )
     progress("postprocess", 1.0)
 
-    # The analysis (NumPy/SciPy, which mostly release the GIL) runs beside the writing (highdicom and pydicom,
-    # pure Python): on two cores that hides most of one behind the other. Progress is reported from this thread
-    # only, so the "analyse" stage's time is what the analysis adds after the writing is done.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="analyse") as pool:
-        analysis = pool.submit(analyse, labels, volume.spacing)
-        progress("write", 0.0)
-        labels_path = out_dir / "labels.nii.gz"
-        write_labels_nifti(labels, volume.affine_lps, labels_path)
-        outputs.files.append(labels_path)
-        preview = out_dir / "preview.png"
-        write_preview(volume.image, labels, volume.affine_lps, preview)
-        outputs.files.append(preview)
-        progress("write", 0.4)
-        seg_path = out_dir / "seg.dcm"
-        if dicom_outputs:
-            seg = write_seg(volume, labels, entry.name, entry.version, seg_path, labelmap=labelmap_seg)
-            outputs.seg_sop_uid = seg.sop_uid
-            outputs.files.append(seg_path)
-        progress("write", 1.0)
+    # The analysis runs in its own process beside the writing (worker.analysis_process); progress is reported
+    # from here only, so the "analyse" stage's time is what the analysis adds after the writing is done.
+    analysis = start_analysis(labels, volume.spacing)
+    progress("write", 0.0)
+    labels_path = out_dir / "labels.nii.gz"
+    write_labels_nifti(labels, volume.affine_lps, labels_path)
+    outputs.files.append(labels_path)
+    preview = out_dir / "preview.png"
+    write_preview(volume.image, labels, volume.affine_lps, preview)
+    outputs.files.append(preview)
+    progress("write", 0.4)
+    seg_path = out_dir / "seg.dcm"
+    seg = None
+    if dicom_outputs:
+        seg = write_seg(volume, labels, entry.name, entry.version, seg_path, labelmap=labelmap_seg)
+        outputs.seg_sop_uid = seg.sop_uid
+        outputs.files.append(seg_path)
+    progress("write", 1.0)
 
-        progress("analyse", 0.0)
-        measurements = analysis.result()
+    progress("analyse", 0.0)
+    measurements = analysis.result()
     outputs.measurements = measurements
     progress("analyse", 0.6)
     provenance = {**segmenter.provenance, "node_version": __version__}
     outputs.files.extend(write_report(measurements, provenance, out_dir))
     if dicom_outputs:
         sr_path = out_dir / "sr.dcm"
-        sr = write_sr(seg_path, volume, measurements, entry.name, entry.version, sr_path)
+        sr = write_sr(
+            seg.dataset if seg else seg_path, volume, measurements, entry.name, entry.version, sr_path
+        )
         outputs.sr_sop_uid = sr.sop_uid
         outputs.files.append(sr_path)
     manifest = out_dir / "manifest.json"

@@ -13,6 +13,7 @@ import redis
 from openmsk.config import Settings
 from openmsk.heartbeat import Heartbeat
 from openmsk.queue import QUEUES, make_broker
+from worker import analysis_process
 from worker.device import device_info, resolve_device
 
 log = logging.getLogger("openmsk.worker")
@@ -71,6 +72,7 @@ def run_worker(settings: Settings, stop: threading.Event | None = None) -> int:
     finally:
         log.info("worker %s stopping", heartbeat.ident)
         worker.stop()
+        analysis_process.shutdown()
         heartbeat.stop()
         broker.close()
     return 0

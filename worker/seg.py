@@ -77,6 +77,8 @@ class SegResult:
     path: Path | None = None
     segment_numbers: dict[str, int] = field(default_factory=dict)
     labelmap: bool = False
+    #: the SEG as written, for the SR (which then need not read the file back)
+    dataset: Dataset | None = field(default=None, repr=False, compare=False)
 
 
 def seg_uids(
@@ -282,6 +284,7 @@ def write_seg(
         path=path,
         segment_numbers={t.name: n for n, t in enumerate(present, start=1)},
         labelmap=labelmap,
+        dataset=seg,
     )
 
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from openmsk.phantom import generate, write_series
-from worker.analysis import analyse
+from worker.analysis_process import start_analysis
 from worker.preview import write_preview
 from worker.seg import write_seg
 from worker.sr import write_sr
@@ -32,6 +32,6 @@ def warm_up_outputs() -> float:
             raise RuntimeError("warm-up phantom: labels and series differ in shape")
         write_preview(volume.image, labels, volume.affine_lps, scratch / "preview.png")
         seg = write_seg(volume, labels, "warm-up", "0", scratch / "seg.dcm")
-        measurements = analyse(labels, volume.spacing)
-        write_sr(seg.path, volume, measurements, "warm-up", "0", scratch / "sr.dcm")
+        measurements = start_analysis(labels, volume.spacing).result()  # spawns the analysis process
+        write_sr(seg.dataset, volume, measurements, "warm-up", "0", scratch / "sr.dcm")
     return time.perf_counter() - started

@@ -22,8 +22,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    # Linux: the child gets SIGTERM if the node is killed outright, so even `kill -9 <up>` leaves nothing behind.
+def die_with_parent() -> None:
+    """Ask Linux to send this process SIGTERM when the thread that started it ends (run in the child)."""
+    # the child gets SIGTERM if the node is killed outright, so even `kill -9 <up>` leaves nothing behind
     with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -49,7 +50,7 @@ def spawn(
             stdout=out,
             stderr=subprocess.STDOUT if log else None,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
     finally:
         if log:
