@@ -252,6 +252,7 @@ def test_install_results_folder_writes_a_correct_entry(
     assert entry.configurations == ("3d_fullres",) and entry.folds == (0, 1) and entry.default
     assert entry.folder == registry.parent / "site_knee"
     assert entry.labels == dict(LABELS)  # from dataset.json's names
+    assert entry.postprocess == ("remove_bone_islands",)  # medial/lateral labels of its own: no split step
     copied = sorted(p.relative_to(entry.folder).as_posix() for p in entry.folder.rglob("*") if p.is_file())
     expected = sorted(
         f"{DATASET}/{TRAINED}/{rel}"
@@ -289,13 +290,14 @@ def test_install_refuses_unknown_tissues(tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_install_compartment_free_model_gets_the_split_step(tmp_path: Path) -> None:
+    """A model with bones gets their islands cleared; one without compartments gets them by anatomy."""
     results = tmp_path / "results"
     labels = {"background": 0, "femur": 1, "tibial_cartilage": 2, "meniscus": 3}
     _results_folder(results, labels=labels)
     registry = tmp_path / "registry.toml"
     assert _run_cli("install", str(results), "--registry", str(registry), "--name", "dosma_like") == 0
     entry = load_registry(registry).get("dosma_like")
-    assert entry.postprocess == ("split_medial_lateral",)
+    assert entry.postprocess == ("remove_bone_islands", "split_medial_lateral")
     assert entry.canonical_map == {1: 1, 2: 5, 3: 8}
     entry.verify()
 
@@ -347,6 +349,7 @@ def test_install_shipped_model_folder_matches_its_entry(tmp_path: Path, name: st
     entry = models_cli.install_model(shipped.folder, registry, name="copy")
     assert (entry.kind, entry.configurations, entry.folds) == (shipped.kind, shipped.configurations, ("all",))
     assert entry.labels == shipped.labels and entry.postprocess == shipped.postprocess == (
+        "remove_bone_islands",
         "split_medial_lateral",
     )
     assert entry.sha256 == dict(shipped.sha256)

@@ -64,7 +64,7 @@ def test_train_demo_tiny_budget_loads_through_registry(tmp_path: Path) -> None:
         "--iterations",
         "2",
         "--cases",
-        "4",
+        "5",  # the fifth is full size: the mixed-size path (resampling, 2D windows) runs too
         "--out",
         str(out),
     ]
@@ -79,10 +79,14 @@ def test_train_demo_tiny_budget_loads_through_registry(tmp_path: Path) -> None:
     for entry in registry.models:
         entry.verify()  # every shipped file hashed and matching
         training = json.loads((entry.folder / "training.json").read_text())
-        assert len(training["training_seeds"]) == 4 and min(training["training_seeds"]) >= 100_000
+        assert len(training["training_seeds"]) == 5 and min(training["training_seeds"]) >= 100_000
+        assert training["phantom_sizes"] == ["small"] * 4 + ["full"]
         assert set(training["orientations"]) == {"sagittal", "coronal", "axial", "oblique"}
         # the demo models segment tissues; medial/lateral is assigned by anatomy afterwards
-        assert entry.labels == COMPARTMENT_FREE_LABELS and entry.postprocess == ("split_medial_lateral",)
+        assert entry.labels == COMPARTMENT_FREE_LABELS and entry.postprocess == (
+            "remove_bone_islands",
+            "split_medial_lateral",
+        )
     cascade = registry.get("nnunet_cascade")
     assert cascade.configurations == ("3d_lowres", "3d_cascade_fullres")
     for configuration in ("3d_lowres", "3d_cascade_fullres"):

@@ -218,6 +218,19 @@ def _label_map(dataset_json: Path, override: str | None) -> dict[int, str]:
     return labels
 
 
+def default_postprocess(label_map: dict[int, str]) -> tuple[str, ...]:
+    """The post-processing an installed model gets (the registry entry can be edited afterwards): small bone
+    islands cleared where it segments a bone (each bone is one piece), and, where it segments tibial
+    cartilage or menisci without compartments, the compartments assigned by anatomy."""
+    tissues = set(label_map.values())
+    steps: list[str] = []
+    if tissues & {"femur", "tibia", "patella"}:
+        steps.append("remove_bone_islands")
+    if tissues & set(COMBINED_TISSUES):
+        steps.append("split_medial_lateral")
+    return tuple(steps)
+
+
 def install_model(
     source: Path,
     registry_path: Path,
@@ -267,8 +280,7 @@ def install_model(
         if not folds:
             raise RegistryError("the cascade's stages have no fold in common")
         label_map = _label_map(stages[-1].path / "dataset.json", labels)
-        # a model that segments tibial cartilage/meniscus without compartments gets them assigned by anatomy
-        postprocess = ("split_medial_lateral",) if set(label_map.values()) & set(COMBINED_TISSUES) else ()
+        postprocess = default_postprocess(label_map)
         name = name or _default_name(
             first.dataset, "cascade" if kind == "nnunet_cascade" else first.configuration
         )
