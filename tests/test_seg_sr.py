@@ -12,7 +12,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +28,7 @@ import pytest
 
 from openmsk.labels import BY_NAME, CARTILAGES, LATERALITY, TISSUES
 from openmsk.phantom import LABELS, Phantom, generate, write_series
+from worker import analysis_process
 from worker.analysis import analyse
 from worker.preview import write_preview
 from worker.seg import SegResult, seg_uids, write_seg
@@ -304,3 +307,21 @@ def test_worker_warm_up_runs_every_output_writer() -> None:
     from worker.warmup import warm_up_outputs
 
     assert warm_up_outputs() > 0
+
+
+def test_analysis_runs_in_a_helper_process_and_survives_its_loss() -> None:
+    """The analysis runs beside the writing in a process of its own; if that process dies, the job's
+    analysis still completes (in the calling thread) and the next one gets a new process."""
+    phantom = generate(seed=41, size="small")
+    expected = analyse(phantom.labels, phantom.spacing)
+    assert analysis_process.start_analysis(phantom.labels, phantom.spacing).result() == expected
+    first = analysis_process.helper_pid()
+    assert first is not None and first != os.getpid()
+
+    os.kill(first, signal.SIGKILL)
+    assert analysis_process.start_analysis(phantom.labels, phantom.spacing).result() == expected
+    assert analysis_process.start_analysis(phantom.labels, phantom.spacing).result() == expected
+    second = analysis_process.helper_pid()
+    assert second is not None and second != first
+    analysis_process.shutdown()
+    assert analysis_process.helper_pid() is None

@@ -78,6 +78,13 @@ def start_analysis(labels: NDArray[Any], spacing: Sequence[float]) -> Analysis:
     return Analysis(labels, spacing)
 
 
+def helper_pid() -> int | None:
+    """The analysis process's PID while one runs (for logs and tests), else ``None``."""
+    with _lock:
+        processes = list((_pool._processes or {}).values()) if _pool is not None else []
+    return processes[0].pid if processes else None
+
+
 def shutdown() -> None:
     """Stop the analysis process (a worker stopping; it would also end with the worker)."""
     _reset()

@@ -24,6 +24,7 @@ def preload_default_model() -> None:
     crash) pays the ~10 s model load or the first-call costs of highdicom and SciPy."""
     from openmsk.models.registry import load_registry
     from worker.actors import segmenter_for, settings
+    from worker.analysis_process import helper_pid
     from worker.warmup import warm_up_outputs
 
     try:
@@ -34,7 +35,8 @@ def preload_default_model() -> None:
     except Exception as exc:
         log.warning("default model not preloaded: %s", exc)  # jobs report the error if it persists
     try:
-        log.info("write/analyse stages warmed up in %.1f s", warm_up_outputs())
+        seconds = warm_up_outputs()
+        log.info("write/analyse stages warmed up in %.1f s (analysis process %s)", seconds, helper_pid())
     except Exception as exc:  # a warm-up is an optimisation: a job would show the same fault with its context
         log.warning("write/analyse warm-up failed: %s", exc)
 
