@@ -271,6 +271,8 @@ TISSUES: Mapping[int, Tissue] = _table(
 
 BY_NAME: Mapping[str, Tissue] = MappingProxyType({t.name: t for t in TISSUES.values()})
 CARTILAGES: tuple[Tissue, ...] = tuple(t for t in TISSUES.values() if t.is_cartilage)
+#: the bones (the tissues cartilage covers), in label order
+BONES: tuple[Tissue, ...] = tuple(TISSUES[label] for label in sorted({t.bone for t in CARTILAGES if t.bone}))
 
 
 def tissue(key: int | str) -> Tissue:

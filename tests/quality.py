@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-BONES = (1, 2, 3)  # femur, tibia, patella
+from openmsk.labels import BONES as BONE_TISSUES
+
+BONES = tuple(t.label for t in BONE_TISSUES)  # femur, tibia, patella
 BONE_DICE = 0.95  # the demo models' targets (models issue): bones
 SOFT_DICE = 0.75  # every cartilage and meniscus
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 from typing import TYPE_CHECKING
@@ -37,8 +38,7 @@ def run_until_signal(
         signal.signal(sig, shut_down)
     log.info("%s listening on http://%s:%d", name, host, port)
     try:
-        server.run()
-    except SystemExit:
-        pass
+        with contextlib.suppress(SystemExit):
+            server.run()
     finally:
         server.close()

@@ -121,9 +121,8 @@ def segment_volume(
     write_preview(volume.image, labels, volume.affine_lps, preview)
     outputs.files.append(preview)
     progress("write", 0.4)
-    seg_path = out_dir / "seg.dcm"
-    seg = None
     if dicom_outputs:
+        seg_path = out_dir / "seg.dcm"
         seg = write_seg(volume, labels, entry.name, entry.version, seg_path, labelmap=labelmap_seg)
         outputs.seg_sop_uid = seg.sop_uid
         outputs.files.append(seg_path)
@@ -137,9 +136,7 @@ def segment_volume(
     outputs.files.extend(write_report(measurements, provenance, out_dir))
     if dicom_outputs:
         sr_path = out_dir / "sr.dcm"
-        sr = write_sr(
-            seg.dataset if seg else seg_path, volume, measurements, entry.name, entry.version, sr_path
-        )
+        sr = write_sr(seg.dataset, volume, measurements, entry.name, entry.version, sr_path)
         outputs.sr_sop_uid = sr.sop_uid
         outputs.files.append(sr_path)
     manifest = out_dir / "manifest.json"

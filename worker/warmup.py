@@ -27,9 +27,7 @@ def warm_up_outputs() -> float:
         scratch = Path(tmp)
         written = write_series(phantom, scratch / "series")
         volume = load_series(read_series(written["dicom_dir"]))
-        labels = phantom.labels
-        if labels.shape != volume.image.shape:
-            raise RuntimeError("warm-up phantom: labels and series differ in shape")
+        labels = phantom.labels  # on the series' grid (write_seg checks it)
         write_preview(volume.image, labels, volume.affine_lps, scratch / "preview.png")
         seg = write_seg(volume, labels, "warm-up", "0", scratch / "seg.dcm")
         measurements = start_analysis(labels, volume.spacing).result()  # spawns the analysis process

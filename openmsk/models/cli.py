@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from dataclasses import replace as replace_fields
 from pathlib import Path
 
+from openmsk.labels import BONES
 from openmsk.models.registry import (
     CANONICAL_IDS,
     CASCADE_CONFIGURATIONS,
@@ -224,7 +225,7 @@ def default_postprocess(label_map: dict[int, str]) -> tuple[str, ...]:
     cartilage or menisci without compartments, the compartments assigned by anatomy."""
     tissues = set(label_map.values())
     steps: list[str] = []
-    if tissues & {"femur", "tibia", "patella"}:
+    if tissues & {t.name for t in BONES}:
         steps.append("remove_bone_islands")
     if tissues & set(COMBINED_TISSUES):
         steps.append("split_medial_lateral")

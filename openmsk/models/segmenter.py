@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from openmsk.labels import BY_NAME
+from openmsk.labels import BONES, BY_NAME
 from openmsk.models.registry import POSTPROCESS_STEPS, ModelEntry, RegistryError
 
 Progress = Callable[[float], None]
@@ -190,7 +190,7 @@ def _otsu_1d(values: NDArray[np.float64], weights: NDArray[np.float64]) -> float
     return best_t
 
 
-_BONES = tuple(BY_NAME[name].label for name in ("femur", "tibia", "patella"))
+_BONES = tuple(t.label for t in BONES)
 ISLAND_FRACTION = 0.2  # a bone's pieces smaller than this share of its largest are islands
 
 
