@@ -57,7 +57,7 @@ class Analysis:
         self._spacing = tuple(float(s) for s in spacing)
         self._future: Future[dict[str, Any]] | None
         try:
-            self._future = _executor().submit(analyse, np.ascontiguousarray(labels), self._spacing)
+            self._future = _executor().submit(analyse, np.asarray(labels), self._spacing)
         except (BrokenProcessPool, RuntimeError, OSError) as exc:
             log.warning("analysis process unavailable (%s): analysing in this thread", exc)
             _reset()

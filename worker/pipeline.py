@@ -61,7 +61,7 @@ class Outputs:
 def write_labels_nifti(labels: np.ndarray, affine_lps: np.ndarray, path: Path) -> None:
     """Canonical labels as NIfTI (RAS): the LPS affine with its first two rows negated."""
     affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
-    nib.save(nib.Nifti1Image(labels.astype(np.uint8), affine_ras), str(path))
+    nib.save(nib.Nifti1Image(np.asarray(labels, dtype=np.uint8), affine_ras), str(path))
 
 
 def segment_volume(
@@ -101,7 +101,9 @@ def segment_volume(
         raise JobFailure(ErrorCode.SEGMENTATION_FAILED, f"inference failed: {exc}", permanent=False) from None
 
     progress("postprocess", 0.0)
-    labels = from_canonical(labels_canonical, canonical).astype(np.uint8)
+    # Laid out like the loaded slices ((i, j, k) in Fortran order = a (k, j, i) stack): the SEG's frames and
+    # the NIfTI's voxel order are then plain reads of it, and one copy at most is made here.
+    labels = np.asfortranarray(from_canonical(labels_canonical, canonical), dtype=np.uint8)
     if not labels.any():
         raise JobFailure(
             ErrorCode.SEGMENTATION_FAILED,

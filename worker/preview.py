@@ -96,7 +96,7 @@ def _voxel_axis(dominant: NDArray[np.int64], patient_axis: int, exclude: Sequenc
 
 def _window(image: NDArray[Any]) -> tuple[float, float]:
     """Grey-scale window from the 1st to the 99.5th percentile (of a subsample, which is enough)."""
-    flat = np.asarray(image).ravel()
+    flat = np.asarray(image).ravel(order="K")  # no copy, whatever the memory layout
     sample = flat[:: max(1, flat.size // 2_000_000)].astype(np.float64)
     lo, hi = np.percentile(sample, [1.0, 99.5])
     if not hi > lo:

@@ -81,7 +81,10 @@ def canonical_transform(
 
 
 def to_canonical(image: NDArray[Any], affine_lps: NDArray[np.float64]) -> CanonicalVolume:
-    """Permute/flip *image* (any 3D array) into canonical LPS-aligned axes; no interpolation."""
+    """Permute/flip *image* (any 3D array) into canonical LPS-aligned axes; no interpolation.
+
+    The canonical image is a view of *image*, not a copy: each segmenter copies it into its own layout anyway.
+    """
     if image.ndim != 3:
         raise SegmenterError(f"expected a 3D volume, got shape {image.shape}")
     affine_lps = np.asarray(affine_lps, dtype=np.float64)
@@ -102,7 +105,7 @@ def to_canonical(image: NDArray[Any], affine_lps: NDArray[np.float64]) -> Canoni
     affine = affine_lps @ to_source
     spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
     return CanonicalVolume(
-        image=np.ascontiguousarray(out),
+        image=out,
         affine=affine,
         spacing=(spacing[0], spacing[1], spacing[2]),
         axes=axes,
@@ -112,12 +115,12 @@ def to_canonical(image: NDArray[Any], affine_lps: NDArray[np.float64]) -> Canoni
 
 
 def from_canonical(array: NDArray[Any], canonical: CanonicalVolume) -> NDArray[Any]:
-    """Undo :func:`to_canonical` for an array on the canonical grid (e.g. a label map)."""
+    """Undo :func:`to_canonical` for an array on the canonical grid (e.g. a label map); a view, not a copy."""
     if array.shape != canonical.image.shape:
         raise SegmenterError(f"array shape {array.shape} is not the canonical shape {canonical.image.shape}")
     flip_axes = tuple(c for c in range(3) if canonical.flips[c])
     out = np.flip(array, flip_axes) if flip_axes else array
-    return np.ascontiguousarray(np.transpose(out, np.argsort(canonical.axes)))
+    return np.transpose(out, np.argsort(canonical.axes))
 
 
 # --------------------------------------------------------------------------------------------- post-processing
@@ -316,7 +319,10 @@ class Segmenter(ABC):
     def canonical_labels(self, model_labels: NDArray[np.integer[Any]]) -> NDArray[np.uint8]:
         """The model's own label ids -> canonical labels: the registry's label map, then its post-processing
         steps (also for output of the same model produced elsewhere, e.g. by ``nnUNetv2_predict``)."""
-        out = self._lut[np.asarray(model_labels, dtype=np.int64).clip(0, 255)]
+        ids = np.asarray(model_labels)
+        if ids.dtype != np.uint8:  # ids beyond 0..255 are no label of the map; uint8 indexes the LUT cheaply
+            ids = np.clip(ids, 0, 255).astype(np.uint8)
+        out = self._lut[ids]
         for step in self.entry.postprocess:
             POSTPROCESS[step](out)
         return out
