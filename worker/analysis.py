@@ -177,17 +177,27 @@ def cartilage_thickness(
     bare = bone_mask & _touching(~(bone_mask | cart))
 
     bone_voxels, face_axis, face_side = _interface_faces(bone_mask, np.argwhere(cart))
+    if len(bone_voxels) == 0:
+        return None
     # Outward bone normal (mm space) at the bone voxel of each face, from central differences of the smoothed
-    # bone mask (one-sided at the border of the image, where the crop cannot add a margin).
+    # bone mask (one-sided at the border of the image, where the crop cannot add a margin). The smoothing is
+    # needed around the interface only: its box, with room for the kernel and the differences.
+    room = np.ceil(_TRUNCATE * sigma_n / sp).astype(np.int64) + 2
+    low = np.maximum(bone_voxels.min(axis=0) - room, 0)
+    high = np.minimum(bone_voxels.max(axis=0) + room + 1, cart.shape)
     smooth_bone = ndi.gaussian_filter(
-        bone_mask.astype(np.float32), sigma=sigma_n / sp, mode="nearest", truncate=_TRUNCATE
+        bone_mask[tuple(slice(a, b) for a, b in zip(low, high, strict=True))].astype(np.float32),
+        sigma=sigma_n / sp,
+        mode="nearest",
+        truncate=_TRUNCATE,
     )
+    local = bone_voxels - low
     grad = np.empty(bone_voxels.shape, dtype=np.float64)
     for axis in range(3):
-        ahead = bone_voxels.copy()
-        behind = bone_voxels.copy()
-        ahead[:, axis] = np.minimum(bone_voxels[:, axis] + 1, cart.shape[axis] - 1)
-        behind[:, axis] = np.maximum(bone_voxels[:, axis] - 1, 0)
+        ahead = local.copy()
+        behind = local.copy()
+        ahead[:, axis] = np.minimum(local[:, axis] + 1, smooth_bone.shape[axis] - 1)
+        behind[:, axis] = np.maximum(local[:, axis] - 1, 0)
         dist = (ahead[:, axis] - behind[:, axis]) * sp[axis]
         grad[:, axis] = (smooth_bone[tuple(ahead.T)] - smooth_bone[tuple(behind.T)]) / np.maximum(dist, 1e-9)
     norm = np.linalg.norm(grad, axis=1)
@@ -268,13 +278,17 @@ def _smooth_over_interface(
     base = np.floor(coords).astype(np.int64)
     offset = coords - base
     grid_shape = tuple(int(-(-n // f)) + 2 for n, f in zip(shape, factor, strict=True))
-    weighted = np.zeros(grid_shape, dtype=np.float32)
-    total = np.zeros(grid_shape, dtype=np.float32)
-    for corner in np.ndindex(2, 2, 2):
-        share = np.prod(np.where(corner, offset, 1.0 - offset), axis=1)
-        index = tuple((base + corner).T)
-        np.add.at(weighted, index, share * weights * values)
-        np.add.at(total, index, share * weights)
+    corners = list(np.ndindex(2, 2, 2))
+    cell = np.concatenate([np.ravel_multi_index(tuple((base + c).T), grid_shape) for c in corners])
+    share = np.concatenate([np.prod(np.where(c, offset, 1.0 - offset), axis=1) for c in corners])
+    size = int(np.prod(grid_shape))
+
+    def spread(amount: NDArray[np.float64]) -> NDArray[np.float32]:
+        sums = np.bincount(cell, weights=share * np.tile(amount, len(corners)), minlength=size)
+        return sums.reshape(grid_shape).astype(np.float32)
+
+    weighted = spread(weights * values)
+    total = spread(weights)
     added = 2.0 * np.mean(offset * (1.0 - offset), axis=0)
     sigma_cells = np.sqrt(np.maximum((sigma_mm / (factor * sp)) ** 2 - added, 0.25))
     smoothed = [

@@ -104,17 +104,17 @@ def _window(image: NDArray[Any]) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def _slice_positions(labels: NDArray[Any], axis: int) -> list[int]:
-    """Centre of the labelled region along *axis* and a quarter of its extent either side."""
-    n = labels.shape[axis]
+def _slice_positions(labelled: NDArray[np.bool_], axis: int) -> list[int]:
+    """Centre of the labelled region (mask *labelled*) along *axis* and a quarter of its extent either side."""
+    n = labelled.shape[axis]
     other = tuple(a for a in range(3) if a != axis)
-    present = np.nonzero(np.any(labels > 0, axis=other))[0]
+    profile = np.count_nonzero(labelled, axis=other).astype(np.float64)
+    present = np.nonzero(profile)[0]
     if len(present) == 0:
         lo, hi = 0, n - 1
         centre = (n - 1) // 2
     else:
         lo, hi = int(present[0]), int(present[-1])
-        profile = np.count_nonzero(labels > 0, axis=other).astype(np.float64)
         centre = round(float(np.arange(n) @ profile) / profile.sum())
     quarter = max(1, (hi - lo) // 4)
     return sorted({int(np.clip(centre + d, 0, n - 1)) for d in (-quarter, 0, quarter)})
@@ -228,6 +228,7 @@ def write_preview(
 
     font = ImageFont.load_default()
     present = [t for v, t in TISSUES.items() if np.any(labels == v)]
+    labelled = labels > 0
     legend_rows = (len(present) + 2) // 3
     cell = TILE_PX + _GAP
     width = 3 * cell + _GAP
@@ -237,7 +238,7 @@ def write_preview(
 
     y = _GAP
     for plane in planes:
-        positions = _slice_positions(labels, plane.fixed)
+        positions = _slice_positions(labelled, plane.fixed)
         if plane.reverse_slices:
             positions.reverse()
         draw.text((_GAP, y), plane.name, fill=(230, 230, 230), font=font)
