@@ -86,9 +86,7 @@ def segment_volume(
     progress("preprocess", 1.0)
 
     try:
-        labels_canonical = segmenter.segment(
-            canonical.image, canonical.spacing, lambda f: progress("infer", f)
-        )
+        model_labels = segmenter.predict(canonical.image, canonical.spacing, lambda f: progress("infer", f))
     except MemoryError:
         raise JobFailure(
             ErrorCode.GPU_OOM, "out of memory during inference", "Retry on a larger GPU/host."
@@ -101,6 +99,7 @@ def segment_volume(
         raise JobFailure(ErrorCode.SEGMENTATION_FAILED, f"inference failed: {exc}", permanent=False) from None
 
     progress("postprocess", 0.0)
+    labels_canonical = segmenter.canonical_labels(model_labels)  # the registry's label map and steps
     # Laid out like the loaded slices ((i, j, k) in Fortran order = a (k, j, i) stack): the SEG's frames and
     # the NIfTI's voxel order are then plain reads of it, and one copy at most is made here.
     labels = np.asfortranarray(from_canonical(labels_canonical, canonical), dtype=np.uint8)

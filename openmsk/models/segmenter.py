@@ -143,22 +143,24 @@ def split_medial_lateral(labels: NDArray[np.uint8]) -> NDArray[np.uint8]:
     """
     for medial, lateral in _PAIRS:
         labels[labels == lateral] = medial
-    combined = np.isin(labels, [medial for medial, _ in _PAIRS])
+    # Compares and slices along x only: np.isin and masks broadcast along x are several times slower on a
+    # transposed (Fortran-ordered) array, the layout nnU-Net's output comes in.
+    combined = labels == _PAIRS[0][0]
+    for medial, _ in _PAIRS[1:]:
+        combined |= labels == medial
     if not combined.any():
         return labels
     counts = combined.sum(axis=(1, 2)).astype(np.float64)
     threshold = _otsu_1d(np.arange(labels.shape[0], dtype=np.float64), counts)
-    side_b = np.zeros(labels.shape[0], dtype=bool)
-    side_b[int(np.floor(threshold)) + 1 :] = True  # x > threshold
+    cut = int(np.floor(threshold)) + 1  # side b: x > threshold
     # anteroposterior length of each compartment (10th to 90th percentile of y): the medial plateau is the
     # longer; the menisci's thick rims make this insensitive to how thin cartilage happened to be sampled, and
     # the inner percentiles to a model's over-segmented tail (measured: a tail 13 voxels past the lateral
     # meniscus turned the 2nd-98th percentile extent around on a full-size coronal series)
-    medial_is_b = _extent(combined[side_b]) > _extent(combined[~side_b])
-    is_b = np.broadcast_to(side_b[:, None, None], labels.shape)
-    lateral_side = ~is_b if medial_is_b else is_b
+    medial_is_b = _extent(combined[cut:]) > _extent(combined[:cut])
+    lateral_side = labels[:cut] if medial_is_b else labels[cut:]  # a view: writes go to labels
     for medial, lateral in _PAIRS:
-        labels[(labels == medial) & lateral_side] = lateral
+        lateral_side[lateral_side == medial] = lateral
     return labels
 
 
@@ -209,6 +211,11 @@ def bone_islands_removed(labels: NDArray[np.uint8]) -> NDArray[np.uint8]:
     """
     from scipy import ndimage as ndi
 
+    if labels.flags.f_contiguous and not labels.flags.c_contiguous:
+        # Pieces do not depend on the axis order, and labelling runs twice as fast along memory: work on
+        # the C-ordered transpose (a view, so the clearing lands in *labels*).
+        bone_islands_removed(labels.T)
+        return labels
     boxes = ndi.find_objects(labels, max_label=max(_BONES))
     for bone in _BONES:
         box = boxes[bone - 1]
@@ -302,7 +309,18 @@ class Segmenter(ABC):
     def segment(
         self, image: NDArray[Any], spacing: tuple[float, float, float], progress: Progress | None = None
     ) -> NDArray[np.uint8]:
-        """Canonical labels (uint8, same shape) for a canonical volume ``(x, y, z)`` with *spacing* mm."""
+        """Canonical labels (uint8, same shape) for a canonical volume ``(x, y, z)`` with *spacing* mm:
+        :meth:`predict`, then :meth:`canonical_labels`."""
+        return self.canonical_labels(self.predict(image, spacing, progress))
+
+    def predict(
+        self, image: NDArray[Any], spacing: tuple[float, float, float], progress: Progress | None = None
+    ) -> NDArray[np.integer[Any]]:
+        """The model's own label ids (same shape) for a canonical volume ``(x, y, z)`` with *spacing* mm.
+
+        *progress* gets the fraction done, from 0 to 1. The worker times this as its ``infer`` stage and
+        :meth:`canonical_labels` (label map and post-processing) as ``postprocess``.
+        """
         if image.ndim != 3:
             raise SegmenterError(f"expected a 3D (x, y, z) volume, got shape {image.shape}")
         if len(spacing) != 3 or any(not (float(s) > 0) for s in spacing):
@@ -312,9 +330,8 @@ class Segmenter(ABC):
         labels = self._segment(np.asarray(image, dtype=np.float32), tuple(float(s) for s in spacing), report)
         if labels.shape != image.shape:
             raise SegmenterError(f"model returned shape {labels.shape} for input {image.shape}")
-        out = self.canonical_labels(labels)
         report(1.0)
-        return out
+        return labels
 
     def canonical_labels(self, model_labels: NDArray[np.integer[Any]]) -> NDArray[np.uint8]:
         """The model's own label ids -> canonical labels: the registry's label map, then its post-processing
@@ -322,7 +339,7 @@ class Segmenter(ABC):
         ids = np.asarray(model_labels)
         if ids.dtype != np.uint8:  # ids beyond 0..255 are no label of the map; uint8 indexes the LUT cheaply
             ids = np.clip(ids, 0, 255).astype(np.uint8)
-        out = self._lut[ids]
+        out = self._lut[ids]  # in the model's memory layout (nnU-Net's is the transpose): the steps take any
         for step in self.entry.postprocess:
             POSTPROCESS[step](out)
         return out
