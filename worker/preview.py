@@ -260,7 +260,7 @@ def write_preview(
     fd, tmp = tempfile.mkstemp(prefix=".", suffix=".png", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            canvas.save(fh, format="PNG", compress_level=3)  # level 6 (default): 3x the time, no smaller
+            canvas.save(fh, format="PNG", compress_level=1)  # 3: +30 % time, -10 % size; 6: 3x the time
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -427,6 +427,7 @@ class NnUNetSegmenter(Segmenter):
         props = {"spacing": [spacing[2], spacing[1], spacing[0]]}
         previous = None
         n = len(self._predictors)
+        seg: Any = None
         for stage, (predictor, counter) in enumerate(self._predictors):
             counter.reset(lambda f, stage=stage: progress(0.98 * (stage + f) / n))
             seg = predictor.predict_single_npy_array(
@@ -434,9 +435,8 @@ class NnUNetSegmenter(Segmenter):
             )
             # the cascade's next stage takes this one's labels with a channel axis, in a signed dtype (nnU-Net
             # marks voxels outside the nonzero mask with -1 while cropping)
-            previous = np.asarray(seg, dtype=np.int16)[None]
-        assert previous is not None
-        return previous[0].transpose(2, 1, 0)
+            previous = np.asarray(seg, dtype=np.int16)[None] if stage + 1 < n else None
+        return np.asarray(seg).transpose(2, 1, 0)
 
 
 class Slicewise2DSegmenter(Segmenter):
