@@ -40,7 +40,7 @@ output for it, whose stray cartilage voxels widen the boxes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -316,31 +316,29 @@ def _edge_distance(
     return distance
 
 
-def _face_neighbours(
+def _across_faces(
     mask: NDArray[np.bool_], voxels: NDArray[np.int64]
-) -> list[tuple[int, int, NDArray[np.int64]]]:
-    """For each face direction (axis, then side -1, +1): the voxels' neighbours across it that lie in *mask*.
+) -> Iterator[tuple[int, int, NDArray[np.bool_]]]:
+    """For each face direction (axis, then side -1, +1): which of *voxels* have their neighbour across it in
+    *mask*.
 
     Works on the voxel list, not the whole array: the cartilage is a thin sheet in a large box.
     """
-    out = []
     for axis in range(3):
         for side in (-1, 1):
             there = voxels.copy()
             there[:, axis] += side
-            there = there[(there[:, axis] >= 0) & (there[:, axis] < mask.shape[axis])]
-            out.append((axis, side, there[mask[tuple(there.T)]]))
-    return out
+            hit = (there[:, axis] >= 0) & (there[:, axis] < mask.shape[axis])
+            hit[hit] = mask[tuple(there[hit].T)]
+            yield axis, side, hit
 
 
 def _next_to(mask: NDArray[np.bool_], voxels: NDArray[np.int64]) -> NDArray[np.bool_]:
     """Which of *voxels* share a face with a voxel of *mask*."""
-    found = np.zeros(mask.shape, dtype=bool)
-    for axis, side, there in _face_neighbours(mask, voxels):
-        back = there.copy()
-        back[:, axis] -= side
-        found[tuple(back.T)] = True
-    return found[tuple(voxels.T)]
+    found = np.zeros(len(voxels), dtype=bool)
+    for _axis, _side, hit in _across_faces(mask, voxels):
+        found |= hit
+    return found
 
 
 def _interface_faces(
@@ -352,8 +350,10 @@ def _interface_faces(
     +1 then -1), each group in row-major order of the bone voxel, as a scan of the arrays would give them.
     """
     voxels, axes, sides = [], [], []
-    for axis, step, bone_voxels in _face_neighbours(bone, cart_voxels):
+    for axis, step, hit in _across_faces(bone, cart_voxels):
         # the bone voxel lies a step from the cartilage, so the cartilage lies the other way from the bone
+        bone_voxels = cart_voxels[hit]
+        bone_voxels[:, axis] += step
         voxels.append(bone_voxels)
         axes.append(np.full(len(bone_voxels), axis, dtype=np.int64))
         sides.append(np.full(len(bone_voxels), -step, dtype=np.int64))
