@@ -34,7 +34,7 @@ local thickness is not (tests/test_analysis.py gives the errors on both phantom 
 The work is done per cartilage on a box cropped around it (margin: the Gaussian filter widths), with
 SciPy's ``ndimage`` (Gaussian filter, map_coordinates) and a k-d tree for the edge distances; the interface
 is found from the list of cartilage voxels, not by scanning the box. A full-size knee (384 × 384 × 160) takes
-about 1.2 s on one core of the development machine (bench/analysis.py), about 1.4 s on the demo model's
+about 1.0–1.2 s on one core of the development machine (bench/analysis.py), about 1.1 s on the demo model's
 output for it, whose stray cartilage voxels widen the boxes.
 """
 
@@ -176,7 +176,10 @@ def cartilage_thickness(
     bone_mask = sub == bone
     bare = bone_mask & _touching(~(bone_mask | cart))
 
-    bone_voxels, face_axis, face_side = _interface_faces(bone_mask, np.argwhere(cart))
+    # The crop's cartilage voxels are those of the box found above that lie in it (still in row-major order).
+    cart_voxels = in_box + [g.start - c.start for g, c in zip(grown, crop, strict=True)]
+    cart_voxels = cart_voxels[np.all((cart_voxels >= 0) & (cart_voxels < cart.shape), axis=1)]
+    bone_voxels, face_axis, face_side = _interface_faces(bone_mask, cart_voxels)
     if len(bone_voxels) == 0:
         return None
     # Outward bone normal (mm space) at the bone voxel of each face, from central differences of the smoothed
