@@ -53,3 +53,36 @@ def test_split_restores_the_compartments_of_both_knees(orientation: str, lateral
             label = BY_NAME[f"{side}_{tissue}"].label
             agree = np.count_nonzero((split == label) & (truth == label))
             assert agree / np.count_nonzero(truth == label) > 0.98, (side, tissue)
+
+
+@pytest.mark.parametrize("order", ["C", "F", "strided"])
+def test_islands_agree_with_scipy_per_bone_labelling(order: str) -> None:
+    """One multi-label pass (cc3d) clears what labelling each bone's mask on its own clears, in any layout."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(5)
+    labels = np.zeros((48, 40, 36), dtype=np.uint8)
+    labels[4:30, 4:30, 4:30] = FEMUR
+    labels[32:46, 4:30, 4:30] = TIBIA
+    labels[4:12, 32:38, 10:20] = PATELLA
+    labels[30:32, 4:30, 4:30] = FEMORAL_CARTILAGE
+    specks = rng.random(labels.shape) < 0.01  # scattered bone specks of every bone, some touching the bones
+    labels[specks] = rng.choice([FEMUR, TIBIA, PATELLA], size=int(specks.sum()))
+    expected = labels.copy()
+    for bone in (FEMUR, TIBIA, PATELLA):
+        pieces, _count = ndi.label(expected == bone)
+        sizes = np.bincount(pieces.ravel())
+        sizes[0] = 0
+        expected[(expected == bone) & (sizes[pieces] < 0.2 * sizes.max())] = 0
+    if order == "strided":
+        big = np.zeros((96, 40, 36), dtype=np.uint8)
+        big[::2] = labels
+        work = big[::2]
+    else:
+        work = labels.copy(order=order)
+
+    out = bone_islands_removed(work)
+
+    assert out is work
+    assert np.array_equal(work, expected)
+    assert (expected != labels).sum() > 50  # the specks were there to clear
