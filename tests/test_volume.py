@@ -70,6 +70,58 @@ def test_two_series_are_refused(phantom_dir: Path) -> None:
         load_series(datasets)
 
 
+def _as_layout(ds: pydicom.Dataset, layout: str, k: int) -> None:
+    """Rewrite slice *ds* (16-bit unsigned, values < 4096) in another pixel layout that scanners use."""
+    values = ds.pixel_array.astype(np.int32)
+    if layout == "signed":
+        ds.PixelRepresentation = 1
+        ds.PixelData = (values - 2000).astype("<i2").tobytes()
+    elif layout == "12_of_16_bits":
+        ds.BitsStored, ds.HighBit = 12, 11
+    elif layout == "12_of_16_bits_high_bits_set" and k == 3:
+        ds.BitsStored, ds.HighBit = 12, 11
+        values[0, :5] |= 0xF000  # garbage above the stored bits: pydicom's decoder decides what it means
+        ds.PixelData = values.astype("<u2").tobytes()
+    elif layout == "signed_12_of_16_bits":
+        ds.PixelRepresentation, ds.BitsStored, ds.HighBit = 1, 12, 11
+        # 12-bit two's complement with the unused high bits zero: pydicom extends the sign from bit 11
+        ds.PixelData = (((values % 4096) - 2048) & 0x0FFF).astype("<u2").tobytes()
+    elif layout == "8_bits":
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+        ds.PixelData = (values // 16).astype(np.uint8).tobytes()
+    elif layout == "implicit_vr":
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    elif layout == "big_endian":
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRBigEndian
+        ds.PixelData = values.astype(">u2").tobytes()
+    ds.RescaleSlope, ds.RescaleIntercept = (2.5, -100) if k % 2 else (1, 0)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "as_written",
+        "signed",
+        "12_of_16_bits",
+        "12_of_16_bits_high_bits_set",
+        "signed_12_of_16_bits",
+        "8_bits",
+        "implicit_vr",
+        "big_endian",
+    ],
+)
+def test_pixel_values_are_pydicoms_rescaled(phantom_dir: Path, layout: str) -> None:
+    """Uncompressed slices are read from their bytes, the rest by pydicom's decoder: either way the voxels
+    are pydicom's values with the rescale applied, in float32."""
+    datasets = read_series(phantom_dir / "dicom")
+    for k, ds in enumerate(datasets):
+        _as_layout(ds, layout, k)
+    volume = load_series(datasets)
+    for k, ds in enumerate(volume.sources):
+        expected = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        np.testing.assert_array_equal(volume.image[:, :, k], expected.T, err_msg=f"slice {k}")
+
+
 def test_compressed_series_is_decoded(phantom_dir: Path, tmp_path: Path) -> None:
     """JPEG-LS lossless via dcmtk's dcmcjpls, decoded through the pylibjpeg plugins."""
     reference = load_series(read_series(phantom_dir / "dicom"))
