@@ -228,13 +228,17 @@ def write_seg(
     if not present:
         raise ValueError("no tissue of the table is present in the labels: nothing to segment")
     # Segment numbers are consecutive from 1 (the standard requires it), in label order; other values -> 0.
-    lut = np.zeros(256, dtype=np.uint8)
-    for number, tissue in enumerate(present, start=1):
-        lut[tissue.label] = number
+    # Where the labels present are 1..n already (every tissue found, the usual case), they are the numbers.
+    numbered = [t.label for t in present] == list(range(1, len(present) + 1))
+    if not (numbered and int(labels.max()) <= len(present)):
+        lut = np.zeros(256, dtype=np.uint8)
+        for number, tissue in enumerate(present, start=1):
+            lut[tissue.label] = number
+        labels = lut[labels]
     # (i, j, k) -> (frame k, row j, column i), the frame layout highdicom expects. Contiguous, because
     # highdicom compares every frame with every segment number: on strided frames that costs more than the
     # copy (none is made for labels in Fortran order, as the pipeline lays them out).
-    pixels = np.ascontiguousarray(lut[labels].transpose(2, 1, 0))
+    pixels = np.ascontiguousarray(labels.transpose(2, 1, 0))
 
     algorithm = hd.AlgorithmIdentificationSequence(
         name=fit_text(model_name, 64),
