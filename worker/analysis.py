@@ -174,7 +174,6 @@ def cartilage_thickness(
     sub = labels[crop]
     cart = sub == cartilage
     bone_mask = sub == bone
-    bare = bone_mask & _touching(~(bone_mask | cart))
 
     # The crop's cartilage voxels are those of the box found above that lie in it (still in row-major order).
     cart_voxels = in_box + [g.start - c.start for g, c in zip(grown, crop, strict=True)]
@@ -227,16 +226,21 @@ def cartilage_thickness(
 
     # Distance from each face's bone voxel to the edge of the covered area (the nearest bare bone-surface
     # voxel) or to the border of the image, which cuts a sheet as its own edge does.
-    bare_points = np.argwhere(bare) * sp
     full_index = bone_voxels + np.array([s.start for s in crop])
     border_mm = (np.minimum(full_index, np.array(labels.shape) - 1 - full_index) * sp).min(axis=1)
     edge_band = _weighted_quantile(raw, weight, 0.5)
-    # Only "nearer than the band?" matters here, so the search stops at the band (most faces are farther).
-    edge_mm = np.minimum(_edge_distance(bare_points, bone_voxels * sp, edge_band * 1.001), border_mm)
+    # Only "nearer than the band?" matters here, so the search stops at the band (most faces are farther),
+    # and only the bare surface within the band of the faces' box can be that near.
+    reach_band = np.ceil(edge_band * 1.001 / sp).astype(np.int64) + 1
+    bare_points = _bare_surface(
+        bone_mask, cart, bone_voxels.min(axis=0) - reach_band, bone_voxels.max(axis=0) + reach_band + 1
+    )
+    edge_mm = np.minimum(_edge_distance(bare_points * sp, bone_voxels * sp, edge_band * 1.001), border_mm)
     keep = edge_mm > edge_band
     if weight[keep].sum() < _MIN_KEPT_FRACTION * weight.sum():
         # Too thin or fragmented for an edge band: keep the faces farthest from the edge.
-        edge_mm = np.minimum(_edge_distance(bare_points, bone_voxels * sp, np.inf), border_mm)
+        bare_points = _bare_surface(bone_mask, cart, np.zeros(3, dtype=np.int64), np.array(cart.shape))
+        edge_mm = np.minimum(_edge_distance(bare_points * sp, bone_voxels * sp, np.inf), border_mm)
         keep = edge_mm >= _weighted_quantile(edge_mm, weight, 1.0 - _MIN_KEPT_FRACTION)
 
     w = weight[keep]
@@ -305,6 +309,22 @@ def _smooth_over_interface(
         for grid in (weighted, total)
     ]
     return smoothed[0].astype(np.float64) / smoothed[1]
+
+
+def _bare_surface(
+    bone: NDArray[np.bool_], cart: NDArray[np.bool_], low: NDArray[np.int64], high: NDArray[np.int64]
+) -> NDArray[np.int64]:
+    """Indices of the bone voxels in the box ``[low, high)`` that share a face with neither bone nor cartilage:
+    the bare bone surface, whose nearest point marks the edge of the covered area."""
+    low = np.maximum(low, 0)
+    high = np.minimum(high, bone.shape)
+    # one voxel more on each side, so that the faces at the box's border see their neighbours
+    outer_low, outer_high = np.maximum(low - 1, 0), np.minimum(high + 1, bone.shape)
+    outer = tuple(slice(a, b) for a, b in zip(outer_low, outer_high, strict=True))
+    bone_box = bone[outer]
+    bare = bone_box & _touching(~(bone_box | cart[outer]))
+    inner = tuple(slice(a, b) for a, b in zip(low - outer_low, high - outer_low, strict=True))
+    return np.argwhere(bare[inner]) + low
 
 
 def _edge_distance(
