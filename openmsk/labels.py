@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pydicom.sr.coding import Code
@@ -34,6 +34,7 @@ __all__ = [
     "CodedTerm",
     "Tissue",
     "tissue",
+    "tissues_present",
 ]
 
 
@@ -281,3 +282,11 @@ def tissue(key: int | str) -> Tissue:
         return TISSUES[key] if isinstance(key, int) else BY_NAME[key]
     except KeyError:
         raise KeyError(f"unknown tissue {key!r}; known: {sorted(BY_NAME)}") from None
+
+
+def tissues_present(labels: Any) -> list[Tissue]:
+    """The tissues whose label occurs in the label array *labels* (a NumPy array), in label order.
+
+    One compare per tissue: several times cheaper than np.bincount, which widens every voxel to 64 bits.
+    """
+    return [t for value, t in TISSUES.items() if (labels == value).any()]

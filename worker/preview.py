@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from openmsk.labels import TISSUES
+from openmsk.labels import TISSUES, tissues_present
 
 __all__ = ["FILL_ALPHA", "TILE_PX", "write_preview"]
 
@@ -227,7 +227,7 @@ def write_preview(
     planes = _planes(affine)
 
     font = ImageFont.load_default()
-    present = [t for v, t in TISSUES.items() if np.any(labels == v)]
+    present = tissues_present(labels)
     labelled = labels > 0
     legend_rows = (len(present) + 2) // 3
     cell = TILE_PX + _GAP
