@@ -6,10 +6,10 @@ every process of a node (``openmsk up``'s children, a container and the host) fi
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
 
+from openmsk.atomic import write_atomic
 from openmsk.config import Settings
 
 API_TOKEN = "api_token"
@@ -28,13 +28,11 @@ def stored_secret(settings: Settings, name: str) -> tuple[str, bool]:
     """
     path = secret_path(settings, name)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    value = secrets.token_urlsafe(32)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_atomic(path, value + "\n", mode=0o600, exclusive=True)
     except FileExistsError:
         return path.read_text().strip(), False
-    value = secrets.token_urlsafe(32)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(value + "\n")
     return value, True
 
 

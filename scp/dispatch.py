@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -41,6 +40,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from openmsk.atomic import write_atomic
 from openmsk.jobs import Job, JobNotFound, JobState, JobStore, latest_key
 from scp.completion import PendingSeries
 from scp.routing import RoutingRules, SeriesInfo
@@ -78,22 +78,6 @@ def idempotency_key(series_uid: str, sop_uids: list[str], model: str) -> str:
 
 def instances_digest(sop_uids: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(sop_uids)).encode()).hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync it, rename it over, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(temp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Ledger:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from openmsk import __version__
+from openmsk.atomic import fsync_folder
 
 INCOMING = "incoming"
 PARTIAL = ".partial"
@@ -477,8 +478,8 @@ class InstanceStore:
         created = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
         if created and self.fsync:
-            _fsync_dir(folder.parent)
-            _fsync_dir(folder.parent.parent)
+            fsync_folder(folder.parent)
+            fsync_folder(folder.parent.parent)
         with self._lock:
             self._known_dirs.add(folder)
             if len(self._known_dirs) > 10_000:
@@ -499,7 +500,7 @@ class InstanceStore:
             self._ensure_dir(target.parent)
             os.replace(path, target)
             if self.fsync:
-                _fsync_dir(target.parent)
+                fsync_folder(target.parent)
             recovered += 1
         return recovered, deleted
 
@@ -550,11 +551,3 @@ def _write_all(fd: int, chunks: list[bytes | memoryview]) -> None:
             pending.pop(0)
         if pending and written:
             pending[0] = pending[0][written:]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

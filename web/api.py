@@ -5,14 +5,13 @@ Every route needs a bearer token or the pages' signed-in session (:func:`web.aut
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, send_file, url_for
 from flask.typing import ResponseReturnValue
 
+from openmsk.atomic import atomic_file
 from openmsk.config import Settings
 from openmsk.heartbeat import live_workers
 from openmsk.jobs import Job, JobNotFound, JobState, JobStore
@@ -164,16 +163,9 @@ def results_zip(job_id: str) -> Response:
         raise RequestError(410, "FILES_EXPIRED", "The job's files have expired.", "Send the series again.")
     target = settings().data_path / "jobs" / job.id / "results.zip"
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".zip", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle, zipfile.ZipFile(handle, "w", zipfile.ZIP_DEFLATED) as archive:
-                for name, path in files.items():
-                    archive.write(path, arcname=name)
-            os.replace(tmp, target)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        with atomic_file(target) as handle, zipfile.ZipFile(handle, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name, path in files.items():
+                archive.write(path, arcname=name)
     return send_file(
         target,
         mimetype="application/zip",

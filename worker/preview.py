@@ -13,8 +13,6 @@ Pillow and numpy only.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from openmsk.atomic import atomic_file
 from openmsk.labels import TISSUES, tissues_present
 
 __all__ = ["FILL_ALPHA", "TILE_PX", "write_preview"]
@@ -256,13 +255,6 @@ def write_preview(
         draw.text((x + 16, yy + 2), tissue.display_name, fill=(230, 230, 230), font=font)
 
     path = Path(out_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            canvas.save(fh, format="PNG", compress_level=1)  # 3: +30 % time, -10 % size; 6: 3x the time
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as fh:
+        canvas.save(fh, format="PNG", compress_level=1)  # 3: +30 % time, -10 % size; 6: 3x the time
     return path

@@ -15,12 +15,11 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from openmsk.atomic import write_atomic
 from openmsk.labels import BY_NAME
 
 __all__ = ["CSV_COLUMNS", "REPORT_SCHEMA", "THICKNESS_KEYS", "csv_rows", "write_report"]
@@ -81,20 +80,6 @@ def csv_rows(measurements: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _write_atomic(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_report(
     measurements: Mapping[str, Any], provenance: Mapping[str, Any], out_dir: str | Path
 ) -> list[Path]:
@@ -141,6 +126,6 @@ def write_report(
         writer.writerow(row)
 
     return [
-        _write_atomic(out / "report.json", json_text),
-        _write_atomic(out / "report.csv", buffer.getvalue()),
+        write_atomic(out / "report.json", json_text),
+        write_atomic(out / "report.csv", buffer.getvalue()),
     ]

@@ -15,8 +15,6 @@ so rerunning a model on a series replaces the earlier SEG in the PACS instead of
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -25,6 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from openmsk import __version__
+from openmsk.atomic import atomic_file
 from openmsk.labels import LATERALITY, TISSUES, Tissue, tissues_present
 from worker.uids import derive_uid
 
@@ -294,17 +293,8 @@ def write_seg(
 def save_dataset(dataset: Dataset, out_path: str | Path) -> Path:
     """Write *dataset* as a DICOM file atomically: a reader never sees half a file under the final name."""
     path = Path(out_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            dataset.save_as(fh, enforce_file_format=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as fh:
+        dataset.save_as(fh, enforce_file_format=True)
     return path
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import threading
 import tomllib
@@ -46,6 +45,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from openmsk.atomic import write_atomic
 from openmsk.labels import BY_NAME, TISSUES
 
 if TYPE_CHECKING:
@@ -559,10 +559,7 @@ def write_registry(path: str | Path, entries: Iterable[ModelEntry]) -> Registry:
     """Write *entries* to *path* atomically and return the registry as read back."""
     path = Path(path).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = dumps_registry(list(entries), path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, dumps_registry(list(entries), path.parent))
     return load_registry(path)
 
 
