@@ -15,9 +15,9 @@ from openmsk.managed.orthanc import ManagedOrthanc
 from openmsk.managed.process import free_port
 from openmsk.phantom import generate, write_series
 from worker.analysis import analyse
-from worker.destinations import DeliveryError, load_destinations
-from worker.destinations.dicom import DicomDestination
-from worker.destinations.dicomweb import DicomWebDestination
+from destinations import DeliveryError, load_destinations
+from destinations.dicom import DicomDestination
+from destinations.dicomweb import DicomWebDestination
 from worker.seg import write_seg
 from worker.sr import write_sr
 from worker.volume import load_series, read_series

@@ -21,7 +21,7 @@ from openmsk.jobs import Delivery, ErrorCode, Job, JobState, JobStore, supersede
 from openmsk.models.registry import RegistryError, load_registry
 from openmsk.models.segmenter import Segmenter, load_segmenter
 from openmsk.queue import DELIVER_ACTOR, DELIVER_QUEUE, SEGMENT_ACTOR, SEGMENT_URGENT_ACTOR
-from worker.destinations import DeliveryError, load_destinations
+from destinations import DeliveryError, load_destinations
 from worker.errors import JobFailure
 from worker.inputs import load_input, load_series_instances
 from worker.pipeline import overall_percent, segment_volume

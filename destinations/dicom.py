@@ -7,7 +7,7 @@ from pathlib import Path
 import pydicom
 from pynetdicom import AE
 
-from worker.destinations.base import DeliveryError, Destination
+from destinations.base import DeliveryError, Destination
 
 
 class DicomDestination(Destination):

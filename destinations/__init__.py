@@ -21,10 +21,10 @@ from collections.abc import Callable
 from typing import Any
 
 from openmsk.config import Settings
-from worker.destinations.base import DeliveryError, Destination
-from worker.destinations.dicom import DicomDestination
-from worker.destinations.dicomweb import DicomWebDestination
-from worker.destinations.orthanc import OrthancDestination
+from destinations.base import DeliveryError, Destination
+from destinations.dicom import DicomDestination
+from destinations.dicomweb import DicomWebDestination
+from destinations.orthanc import OrthancDestination
 
 DESTINATION_TYPES: dict[str, Callable[..., Destination]] = {
     "orthanc": OrthancDestination,

@@ -8,7 +8,7 @@ import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
 
-from worker.destinations.base import DeliveryError, HttpDestination
+from destinations.base import DeliveryError, HttpDestination
 
 
 class DicomWebDestination(HttpDestination):

@@ -8,7 +8,7 @@ import requests
 from orthanc_api_client import OrthancApiClient
 from orthanc_api_client.exceptions import OrthancApiException
 
-from worker.destinations.base import DeliveryError, HttpDestination
+from destinations.base import DeliveryError, HttpDestination
 
 
 class OrthancDestination(HttpDestination):
