@@ -20,11 +20,11 @@ import tomllib
 from collections.abc import Callable
 from typing import Any
 
-from openmsk.config import Settings
 from destinations.base import DeliveryError, Destination
 from destinations.dicom import DicomDestination
 from destinations.dicomweb import DicomWebDestination
 from destinations.orthanc import OrthancDestination
+from openmsk.config import Settings
 
 DESTINATION_TYPES: dict[str, Callable[..., Destination]] = {
     "orthanc": OrthancDestination,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,6 @@ class Destination(ABC):
     """Sends result instances somewhere and, where it can, confirms they arrived."""
 
     name: str
-    #: SEG as a Label Map SEG (DICOM 2023+) instead of BINARY for this destination.
-    labelmap: bool = False
 
     @abstractmethod
     def send(self, files: list[Path]) -> None:
@@ -24,6 +23,20 @@ class Destination(ABC):
 
     def confirm(self, study_uid: str, sop_uids: list[str]) -> None:  # noqa: B027 - optional for a type
         """Check the instances are in ``study_uid`` at the destination (only where it can be asked)."""
+
+    # Archive forwarding of received images (forwarder/): a type that cannot archive says so when asked to.
+
+    def forward(self, files: list[Path], on_sent: Callable[[int], None] | None = None) -> None:
+        """Store received instances exactly as they were received (no transcoding); ``on_sent(n)`` per file."""
+        raise DeliveryError(f"destination {self.name!r} cannot archive received images")
+
+    def is_origin(self, calling_ae: str) -> bool:
+        """True when a series sent by ``calling_ae`` came from this destination (it is not sent back)."""
+        return False
+
+    def present(self, study_uid: str, series_uid: str) -> set[str] | None:
+        """The SOP Instance UIDs of the series already at the destination; None where it cannot be asked."""
+        return None
 
 
 class HttpDestination(Destination):
@@ -36,9 +49,8 @@ class HttpDestination(Destination):
         url: str,
         user: str | None = None,
         password: str | None = None,
-        labelmap: bool = False,
     ) -> None:
-        self.name, self.url, self.labelmap = name, url.rstrip("/"), labelmap
+        self.name, self.url = name, url.rstrip("/")
         self.user, self.password = user, password
         self.client = self._connect()
 

@@ -63,6 +63,7 @@ class ErrorCode(StrEnum):
     SUPERSEDED = "SUPERSEDED"
     ANALYSIS_FAILED = "ANALYSIS_FAILED"
     DELIVERY_FAILED = "DELIVERY_FAILED"
+    ARCHIVE_FAILED = "ARCHIVE_FAILED"
     CONFIG_ERROR = "CONFIG_ERROR"
     PIPELINE_ERROR = "PIPELINE_ERROR"
 
@@ -100,10 +101,25 @@ class StageTiming(BaseModel):
 
 
 class Delivery(BaseModel):
-    status: Literal["pending", "retrying", "done", "failed"] = "pending"
+    """The results' delivery to one destination. ``waiting``: the source images are not there yet."""
+
+    status: Literal["pending", "waiting", "retrying", "done", "failed"] = "pending"
     attempts: int = 0
     last_error: str = ""
     updated_at: float = Field(default_factory=time.time)
+
+
+class ResultInstance(BaseModel):
+    """One DICOM result the pipeline wrote (SEG, SR), recorded so delivery never re-reads or guesses files."""
+
+    path: str = Field(description="the file, relative to DATA_DIR")
+    sop_class_uid: str
+    sop_instance_uid: str
+
+    @field_validator("path")
+    @classmethod
+    def _path_relative(cls, value: str) -> str:
+        return _relative_path(value)
 
 
 class Provenance(BaseModel):
@@ -128,6 +144,10 @@ class Job(BaseModel):
     destinations: list[str] = Field(
         default_factory=list, description="destination names from the routing rule"
     )
+    archive: list[str] = Field(
+        default_factory=list,
+        description="destinations the source images are forwarded to; results wait for them there",
+    )
     input_path: str = Field(description="folder or file of the input, relative to DATA_DIR")
     state: JobState = JobState.RECEIVED
     stage: str | None = None
@@ -140,6 +160,9 @@ class Job(BaseModel):
     worker: str | None = Field(None, description="id of the worker that ran the latest attempt")
     error: JobError | None = None
     files: list[str] = Field(default_factory=list)
+    results: list[ResultInstance] = Field(
+        default_factory=list, description="the DICOM results to deliver, recorded when the pipeline ends"
+    )
     deliveries: dict[str, Delivery] = Field(default_factory=dict)
     provenance: Provenance = Field(default_factory=Provenance)
     idempotency_key: str | None = None

@@ -10,14 +10,14 @@ import pydicom
 import pytest
 import requests
 
+from destinations import DeliveryError, load_destinations
+from destinations.dicom import DicomDestination
+from destinations.dicomweb import DicomWebDestination
 from openmsk.config import Settings
 from openmsk.managed.orthanc import ManagedOrthanc
 from openmsk.managed.process import free_port
 from openmsk.phantom import generate, write_series
 from worker.analysis import analyse
-from destinations import DeliveryError, load_destinations
-from destinations.dicom import DicomDestination
-from destinations.dicomweb import DicomWebDestination
 from worker.seg import write_seg
 from worker.sr import write_sr
 from worker.volume import load_series, read_series
@@ -114,7 +114,6 @@ def test_destinations_file_builds_each_type(settings: Settings, tmp_path: Path) 
         ae_title = "PACS"
         host = "10.0.0.5"
         port = 104
-        labelmap = true
 
         [destinations.archive]
         type = "dicomweb"
@@ -122,10 +121,10 @@ def test_destinations_file_builds_each_type(settings: Settings, tmp_path: Path) 
         """,
     )
     found = load_destinations(configured)
-    assert isinstance(found["pacs"], DicomDestination) and found["pacs"].labelmap
+    assert isinstance(found["pacs"], DicomDestination)
     assert (found["pacs"].ae_title, found["pacs"].host, found["pacs"].port) == ("PACS", "10.0.0.5", 104)
     assert isinstance(found["archive"], DicomWebDestination)
-    assert found["archive"].url == "https://pacs.example.org/dicom-web" and not found["archive"].labelmap
+    assert found["archive"].url == "https://pacs.example.org/dicom-web"
 
 
 @pytest.mark.parametrize(

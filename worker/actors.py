@@ -15,13 +15,13 @@ from pathlib import Path
 import dramatiq
 from dramatiq.middleware import CurrentMessage
 
+from destinations import DeliveryError, load_destinations
 from openmsk.config import Settings, load_settings
 from openmsk.heartbeat import worker_id
 from openmsk.jobs import Delivery, ErrorCode, Job, JobState, JobStore, superseded_by
 from openmsk.models.registry import RegistryError, load_registry
 from openmsk.models.segmenter import Segmenter, load_segmenter
 from openmsk.queue import DELIVER_ACTOR, DELIVER_QUEUE, SEGMENT_ACTOR, SEGMENT_URGENT_ACTOR
-from destinations import DeliveryError, load_destinations
 from worker.errors import JobFailure
 from worker.inputs import load_input, load_series_instances
 from worker.pipeline import overall_percent, segment_volume
