@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from openmsk.config import Settings
+
+log = logging.getLogger("openmsk.worker")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,9 +28,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from openmsk.config import load_settings
+
+    settings = load_settings()
+    check_start(settings)  # before torch is imported: a bad destinations file stops the worker in a second
     from worker.process import run_worker
 
-    return run_worker(load_settings())
+    return run_worker(settings)
+
+
+def check_start(settings: Settings) -> None:
+    """The worker's start-up check: its destinations file is usable and, when ``OPENMSK_ROUTING_RULES`` is
+    set and readable, every destination those rules name is configured here.
+
+    Raises :class:`ConfigError` (one line; ``openmsk`` prints it and exits 2). Rules that do not load are
+    only logged: the worker does not route, and the SCP refuses them with the full message.
+    """
+    from destinations import DestinationConfigError, check_routing, configured_destination_names
+    from openmsk.config import ConfigError, env_name
+    from openmsk.routing import DEFAULT_MODEL, RoutingError, RoutingRules
+
+    try:
+        configured_destination_names(settings)
+        if "routing_rules" not in settings.model_fields_set or not settings.routing_rules.is_file():
+            return
+        try:
+            rules = RoutingRules.load(settings.routing_rules, DEFAULT_MODEL)  # models are not checked here
+        except RoutingError as exc:
+            log.warning("%s: %s; not checked against the destinations", env_name("routing_rules"), exc)
+            return
+        problems = check_routing(rules, settings)
+    except DestinationConfigError as exc:
+        raise ConfigError(f"{env_name('destinations')}: {exc}") from None
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def _segment(args: argparse.Namespace) -> int:
