@@ -6,6 +6,9 @@ Flow for each complete series (:meth:`Dispatcher.series_complete`):
 2. For each model a :class:`~openmsk.jobs.Job` is built and first written to the **outbox**
    (``DATA_DIR/spool/<job id>.json``, atomic and fsync'd), then the series is marked as evaluated in the
    **ledger** (``DATA_DIR/scp/series/<study>/<series>.json``). From here on nothing can be lost.
+   Before either, the series' archive destinations (the rule's ``archive``, default Orthanc, less the
+   destination the series came from) get a :class:`~openmsk.forwarding.ForwardOrder` in the forward outbox:
+   the images go there as received, and the jobs' results wait for them there (:mod:`forwarder`).
 3. The outbox is drained into Redis: idempotency check, ``JobStore.create``, ``QUEUED``, Dramatiq message.
    A record leaves the outbox only after its message was sent. While Redis is unreachable the records wait
    and a background thread retries every second, so a Redis outage delays jobs but never drops one, and the
@@ -33,18 +36,20 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from forwarder import Forwarder
 from openmsk.atomic import write_atomic
+from openmsk.forwarding import ForwardOrder, instances_digest
 from openmsk.jobs import Job, JobNotFound, JobState, JobStore, latest_key
 from scp.completion import PendingSeries
-from scp.routing import RoutingRules, SeriesInfo
-from scp.storage import InstanceStore
+from scp.routing import Decision, RoutingRules, SeriesInfo
+from scp.storage import SUFFIX, InstanceStore
 
 LOG = logging.getLogger("openmsk.scp")
 
@@ -74,10 +79,6 @@ def idempotency_key(series_uid: str, sop_uids: list[str], model: str) -> str:
     digest.update(f"{series_uid}\n{model}\n".encode())
     digest.update("\n".join(sorted(sop_uids)).encode())
     return digest.hexdigest()
-
-
-def instances_digest(sop_uids: list[str]) -> str:
-    return hashlib.sha256("\n".join(sorted(sop_uids)).encode()).hexdigest()
 
 
 class Ledger:
@@ -150,6 +151,7 @@ class DispatchResult:
     rule: str | None
     jobs: list[Job]
     completed_at: float
+    archive: list[str] = field(default_factory=list)
 
     @property
     def ignored(self) -> bool:
@@ -166,12 +168,16 @@ class Dispatcher:
         rules: RoutingRules,
         redis_url: str,
         on_queued: Callable[[Job], None] | None = None,
+        forwarder: Forwarder | None = None,
+        archive_default: list[str] | None = None,
     ) -> None:
         from openmsk.queue import make_broker
 
         self.data_dir = data_dir
         self.store = store
         self.rules = rules
+        self.forwarder = forwarder
+        self.archive_default = list(archive_default or [])
         self.ledger = Ledger(data_dir)
         self.outbox = Outbox(data_dir)
         # Fail fast while Redis is down (the outbox retries); the default client would retry with back-off.
@@ -208,10 +214,22 @@ class Dispatcher:
         )
         decision = self.rules.route(info)
         rule_name = decision.rule.name if decision.rule else None
+        input_path = self.store.relative_series_dir(header.study_uid, header.series_uid)
+        archive = self._archive_targets(decision, info) if sop_uids else []
+        if archive and self.forwarder is not None:
+            # Durable before the ledger says "evaluated": a crash from here on re-evaluates to the same order.
+            self.forwarder.submit(
+                ForwardOrder(
+                    study_uid=header.study_uid,
+                    series_uid=header.series_uid,
+                    folder=input_path,
+                    files={uid: uid + SUFFIX for uid in sop_uids},
+                    destinations=archive,
+                )
+            )
         jobs: list[Job] = []
         if sop_uids and not decision.ignore and decision.rule is not None:
             rule = decision.rule
-            input_path = self.store.relative_series_dir(header.study_uid, header.series_uid)
             for model in rule.models:
                 jobs.append(
                     Job(
@@ -223,6 +241,7 @@ class Dispatcher:
                         model=model,
                         priority=rule.priority,  # type: ignore[arg-type]
                         destinations=list(rule.destinations),
+                        archive=archive,
                         input_path=input_path,
                         idempotency_key=idempotency_key(header.series_uid, sop_uids, model),
                     )
@@ -231,19 +250,27 @@ class Dispatcher:
                 self.outbox.put(job)
         self.ledger.record(info, sop_uids, "queued" if jobs else "ignored", rule_name, jobs)
         LOG.info(
-            "series %s complete: %d instance(s) from %s, rule %s → %s",
+            "series %s complete: %d instance(s) from %s, rule %s → %s; archive → %s",
             header.series_uid,
             len(sop_uids),
             pending.calling_ae or "?",
             rule_name or "(none)",
             ", ".join(job.model for job in jobs) or "ignored",
+            ", ".join(archive) or "-",
         )
         if jobs:
             if self.redis_up:
                 self.drain()
             else:
                 self._wake.set()
-        return DispatchResult(info, sop_uids, rule_name, jobs, time.time())
+        return DispatchResult(info, sop_uids, rule_name, jobs, time.time(), archive)
+
+    def _archive_targets(self, decision: Decision, info: SeriesInfo) -> list[str]:
+        """The rule's archive destinations, less the one the series came from (it is not sent back)."""
+        if self.forwarder is None:
+            return []
+        names = self.rules.archive_for(decision, self.archive_default)
+        return [name for name in names if not self.forwarder.came_from(name, info.calling_ae)]
 
     # ------------------------------------------------------------------------------------------------ Redis
 

@@ -2,8 +2,9 @@
 
 One :class:`StorageSCP` owns everything that runs in the ``openmsk scp`` process: the AE (Verification and
 Storage for every storage SOP class in every transfer syntax pynetdicom can negotiate), the instance store,
-the completion tracker with its thread, and the dispatcher with its outbox thread. The event handlers are
-methods named after the pynetdicom events they serve.
+the completion tracker with its thread, the dispatcher with its outbox thread, and the forwarder that sends
+the received images on to the archive destinations. The event handlers are methods named after the pynetdicom
+events they serve.
 
 A C-STORE is answered "success" only once the instance is durably on disk (:mod:`scp.storage`). Bad input
 gets a failure status with an Error Comment and never stops the association or the SCP. Patient data stays out
@@ -28,6 +29,8 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import Verification
 
+from destinations import load_destinations
+from forwarder import Forwarder
 from openmsk.config import ConfigError, Settings, env_name
 from scp import fastpath
 from scp.completion import CompletionTracker, PendingSeries
@@ -62,6 +65,7 @@ CANNOT_UNDERSTAND = 0xC000
 
 MAX_PDU = 1 << 20  # what the SCP announces it can receive; dcmtk sends at most 128 kB PDUs anyway
 COMPLETION_POLL_S = 1.0
+DISPATCH_RETRY_S = 10.0  # a series whose dispatch failed (disk error, bug) is tried again this often
 
 
 def failure(status: int, comment: str) -> Dataset:
@@ -108,7 +112,20 @@ class StorageSCP:
         self.disk = DiskGuard(self.data_dir, settings.min_free_disk_mb)
         self.store = InstanceStore(self.data_dir)
         self.tracker = CompletionTracker(settings.series_quiet_s, settings.series_timeout_s)
-        self.dispatcher = Dispatcher(self.data_dir, self.store, self.rules, settings.redis_url)
+        try:
+            destinations = load_destinations(settings)
+        except ValueError as exc:
+            raise ConfigError(f"{env_name('destinations')}: {exc}") from None
+        self.forwarder = Forwarder(self.data_dir, destinations, settings.redis_url)
+        self.dispatcher = Dispatcher(
+            self.data_dir,
+            self.store,
+            self.rules,
+            settings.redis_url,
+            forwarder=self.forwarder,
+            archive_default=["orthanc"] if "orthanc" in destinations else [],
+        )
+        self._retry_dispatch: dict[str, tuple[PendingSeries, float]] = {}  # series UID -> (series, due)
         self.ae = self._make_ae()
         self.server: Any = None
         self._associations: dict[int, AssociationStats] = {}
@@ -148,6 +165,7 @@ class StorageSCP:
         self.store.start()
         restored = self._restore_pending()
         self.dispatcher.start()
+        self.forwarder.start()
         self._completion_thread = threading.Thread(
             target=self._complete_series, name="scp-completion", daemon=True
         )
@@ -191,6 +209,7 @@ class StorageSCP:
         self.tracker.wake()
         if self._completion_thread is not None:
             self._completion_thread.join(timeout=5)
+        self.forwarder.stop()
         self.dispatcher.stop()
         self.store.close()
         LOG.info("SCP stopped")
@@ -360,13 +379,22 @@ class StorageSCP:
             if self._stopping.is_set():
                 return
             for series in self.tracker.pop_complete():
+                self._retry_dispatch.pop(series.series_uid, None)  # newer instances: dispatch them now
                 self._dispatch(series)
+            now = time.monotonic()
+            for uid, (series, due) in list(self._retry_dispatch.items()):
+                if due <= now:
+                    del self._retry_dispatch[uid]
+                    self._dispatch(series)
 
     def _dispatch(self, series: PendingSeries) -> None:
         try:
             result = self.dispatcher.series_complete(series)
-        except Exception:  # a bug here must not stop completion of other series; the ledger retries at start
-            LOG.exception("dispatch of series %s failed", series.series_uid)
+        except Exception:  # must not stop completion of other series: this one is tried again on a timer
+            LOG.exception(
+                "dispatch of series %s failed; retried in %.0f s", series.series_uid, DISPATCH_RETRY_S
+            )
+            self._retry_dispatch[series.series_uid] = (series, time.monotonic() + DISPATCH_RETRY_S)
             return
         self.completed.append(result)
         del self.completed[:-100]

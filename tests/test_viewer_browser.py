@@ -1,5 +1,6 @@
 """The OHIF viewer in a real browser: Debian's headless Chromium (WebGL2 on SwiftShader, no GPU), driven by
-Playwright, against the viewer's server and the test Orthanc holding a phantom study and the node's SEG of it.
+Playwright, against the viewer's server and the test Orthanc. The study gets there the way a scanner's does:
+storescu → the node's SCP (which archives the images in Orthanc) → worker (nnU-Net, SEG, SR) → Orthanc.
 
 A radiologist's path: open the study from its link, sign in, see the MR image, load the SEG, read the segment
 list (the SEG's tissues, in order, in the node's colours), jump to a segment, see it drawn, hide it. Any page
@@ -12,21 +13,29 @@ from __future__ import annotations
 import io
 import re
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
+import requests
 from PIL import Image
 from playwright.sync_api import ConsoleMessage, Locator, Page, expect, sync_playwright
 
-from openmsk.config import REPO_DIR
+from openmsk.config import REPO_DIR, load_settings
+from openmsk.jobs import JobState, JobStore
 from openmsk.labels import TISSUES
 from openmsk.managed.orthanc import ManagedOrthanc
+from openmsk.managed.process import free_port
 from openmsk.managed.redis import ManagedRedis
+from openmsk.phantom import generate, write_series
+from tests.processes import openmsk, settings_env, wait_for
 from tests.test_viewer_proxy import (
     PASSWORD,
+    PHANTOM_SEED,
     USER,
     Study,
     Viewer,
@@ -34,7 +43,6 @@ from tests.test_viewer_proxy import (
     delete_study,
     start_viewer,
     stop_viewer,
-    upload_study,
     viewer_settings,
 )
 
@@ -64,10 +72,65 @@ VIEWPORT = {"width": 1200, "height": 760}  # smaller is faster: SwiftShader draw
 
 
 @pytest.fixture
-def study(orthanc_server: ManagedOrthanc, tmp_path: Path) -> Iterator[Study]:
-    made = upload_study(orthanc_server, tmp_path / "study")
+def study(redis_url: str, orthanc_server: ManagedOrthanc, tmp_path: Path) -> Iterator[Study]:
+    made = scanner_study(redis_url, orthanc_server, tmp_path)
     yield made
     delete_study(orthanc_server, made)
+
+
+def scanner_study(redis_url: str, orthanc: ManagedOrthanc, tmp_path: Path) -> Study:
+    """A phantom series sent by storescu to the node's SCP; returns the study once the job is done."""
+    node = load_settings(
+        data_dir=tmp_path / "node", redis_url=redis_url, scp_host="127.0.0.1", scp_port=free_port(),
+        orthanc_url=orthanc.url, orthanc_user=orthanc.user, orthanc_password=orthanc.password,
+        orthanc_dicom_port=orthanc.dicom_port, orthanc_aet=orthanc.aet, series_quiet_s=0.5,
+        min_free_disk_mb=0, device="cpu",
+    )  # fmt: skip
+    files = write_series(generate(seed=PHANTOM_SEED, size="small"), tmp_path / "phantom")["dicom_files"]
+    env = settings_env(node)
+    processes = [openmsk(name, env, tmp_path / f"{name}.log") for name in ("scp", "worker")]
+    store = JobStore.from_url(redis_url)
+    try:
+        wait_for(lambda: _listening(node.scp_port), 30, "SCP listening")
+        subprocess.run(
+            ["storescu", "-aet", "SCANNER1", "-aec", node.scp_ae_title, "127.0.0.1", str(node.scp_port),
+             *map(str, files)],
+            check=True, env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}, timeout=60,
+        )  # fmt: skip
+        wait_for(lambda: store.count() == 1, 30, "the SCP queued the job")
+        job_id = store.list()[0].id
+        wait_for(lambda: store.get(job_id).terminal, 240, "the job finished")
+        job = store.get(job_id)
+        assert job.state is JobState.DONE, job.error
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait(timeout=10)
+    auth = (orthanc.user, orthanc.password)
+    found = requests.post(
+        f"{orthanc.url}/tools/find",
+        json={"Level": "Instance", "Query": {"StudyInstanceUID": job.study_uid, "Modality": "SEG"}},
+        auth=auth,
+        timeout=10,
+    ).json()
+    assert len(found) == 1, found
+    seg_bytes = requests.get(f"{orthanc.url}/instances/{found[0]}/file", auth=auth, timeout=30).content
+    seg = pydicom.dcmread(io.BytesIO(seg_bytes))
+    study_id = requests.get(f"{orthanc.url}/instances/{found[0]}/study", auth=auth, timeout=10).json()["ID"]
+    return Study(
+        study_uid=job.study_uid,
+        mr_series_uid=job.series_uid,
+        seg=seg,
+        segments=[str(item.SegmentLabel) for item in seg.SegmentSequence],
+        orthanc_id=study_id,
+    )
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.fixture
@@ -174,8 +237,8 @@ def test_viewer_shows_the_study_and_the_nodes_seg(viewer: Viewer, study: Study) 
             dismiss_overlays(page)
             wait_for_image(pane, lambda image: middle(image).std() > 10, "an MR image (not a blank canvas)")
 
-            # The SEG: a thumbnail without image, named as the node names it.
-            thumbnail = page.locator('[data-cy="study-browser-thumbnail-no-image"]')
+            # The SEG: a thumbnail without image (beside the SR's), named as the node names it.
+            thumbnail = page.locator('[data-cy="study-browser-thumbnail-no-image"]').filter(has_text="SEG")
             expect(thumbnail).to_have_count(1, timeout=LOAD_TIMEOUT_MS)
             expect(thumbnail).to_contain_text("SEG")
             expect(thumbnail).to_contain_text(str(study.seg.SeriesDescription))

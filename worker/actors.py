@@ -1,8 +1,11 @@
 """The worker's Dramatiq actors: small functions over the pipeline, the job store and the destinations.
 
-``segment_job`` runs the stages and hands over to ``deliver_job``; delivery retries with its own backoff, so a
-PACS that is down never blocks segmentation. Both may run more than once for a job (at-least-once delivery):
-outputs and DICOM UIDs are deterministic, so a rerun replaces instead of duplicating.
+``segment_job`` runs the stages and hands over to ``deliver_job``; delivery reschedules itself (``Retry``) while
+the source images are on their way to an archive destination or a destination is down, so a PACS that is down
+never blocks segmentation. The job's state around each message — skipped when finished or superseded,
+RUNNING, retried, FAILED with a code — is kept by :class:`worker.bookkeeping.JobBookkeeping`. Both actors
+may run more than once for a job (at-least-once delivery): outputs and DICOM UIDs are deterministic, so a
+rerun replaces instead of duplicating.
 """
 
 from __future__ import annotations
@@ -11,25 +14,29 @@ import logging
 import time
 from functools import cache
 from pathlib import Path
+from typing import Literal
 
 import dramatiq
-from dramatiq.middleware import CurrentMessage
 
-from destinations import DeliveryError, load_destinations
+from destinations import Destination, load_destinations
 from openmsk.config import Settings, load_settings
-from openmsk.heartbeat import worker_id
-from openmsk.jobs import Delivery, ErrorCode, Job, JobState, JobStore, superseded_by
+from openmsk.forwarding import ForwardStates, instances_digest
+from openmsk.jobs import Delivery, ErrorCode, Job, JobState, JobStore, ResultInstance
 from openmsk.models.registry import RegistryError, load_registry
-from openmsk.models.segmenter import Segmenter, load_segmenter
 from openmsk.queue import DELIVER_ACTOR, DELIVER_QUEUE, SEGMENT_ACTOR, SEGMENT_URGENT_ACTOR
+from worker.bookkeeping import retry_delivery, retry_segmentation
 from worker.errors import JobFailure
 from worker.inputs import load_input, load_series_instances
-from worker.pipeline import overall_percent, segment_volume
+from worker.models.segmenter import Segmenter, load_segmenter
+from worker.pipeline import Outputs, overall_percent, segment_volume
 
 log = logging.getLogger("openmsk.worker")
 
-MAX_RETRIES = 3  # transient faults (OOM, a crashed process) before the job fails
 DELIVERY_BACKOFF_S = (2, 5, 10, 30, 60, 120, 300)  # then the delivery fails
+IMAGES_POLL_S = 1.0  # how often a delivery looks again whether its source images reached the archive
+IMAGES_WAIT_LIMIT_S = (
+    3600.0  # a delivery waits this long for its images before the job fails (ARCHIVE_FAILED)
+)
 
 
 @cache
@@ -58,132 +65,114 @@ def _relative(path: Path) -> str:
 
 
 def segment_job(job_id: str) -> None:
-    """Run the stages for ``job_id`` and hand the results to :func:`deliver_job`."""
+    """Run the stages for ``job_id`` (already RUNNING: see the bookkeeping) and hand over to delivery."""
     jobs = store()
     job = jobs.get(job_id)
-    if job.terminal or job.state is JobState.DELIVERING:
-        log.info("job %s is %s already; nothing to do", job_id, job.state.value)
-        return
-    newer = superseded_by(jobs.redis, job)
-    if newer is not None:
-        jobs.fail(
-            job_id,
-            ErrorCode.SUPERSEDED,
-            f"job {newer} for the same series and model replaces this one",
-            "Instances arrived after this job was queued; follow the newer job.",
-        )
-        return
-    job = jobs.transition(job_id, JobState.RUNNING, lambda j: setattr(j, "worker", worker_id()))
     log.info("job %s: series %s with %s (attempt %d)", job_id, job.series_uid, job.model, job.attempts)
 
     def progress(stage: str, fraction: float) -> None:
         jobs.progress(job_id, stage, overall_percent(stage, fraction))
 
+    progress("load", 0.0)
+    source = settings().data_path / job.input_path
+    volume = load_series_instances(source, job.sop_uids) if job.source == "scp" else load_input(source)
+    progress("load", 1.0)
     try:
-        progress("load", 0.0)
-        source = settings().data_path / job.input_path
-        volume = load_series_instances(source, job.sop_uids) if job.source == "scp" else load_input(source)
-        progress("load", 1.0)
-        try:
-            segmenter = segmenter_for(job.model)
-            entry = segmenter.entry
-        except (RegistryError, KeyError) as exc:
-            raise JobFailure(
-                ErrorCode.MODEL_ERROR, str(exc), "Choose an installed model (openmsk models)."
-            ) from None
-        outputs = segment_volume(
-            volume, segmenter, entry, job_output_dir(job), progress, dicom_outputs=bool(volume.sources)
-        )
-    except Exception as exc:
-        failure = exc if isinstance(exc, JobFailure) else _unexpected(exc)
-        message = CurrentMessage.get_current_message()
-        retries = message.options.get("retries", 0) if message is not None else MAX_RETRIES
-        if failure.permanent or retries >= MAX_RETRIES:
-            jobs.fail(job_id, failure.code, failure.message, failure.hint)
-            log.warning("job %s failed: %s", job_id, failure.code.value)
-            return
-        jobs.transition(job_id, JobState.QUEUED)
-        raise  # Dramatiq retries it with backoff
-
-    def finished(j: Job) -> None:
-        j.files = [_relative(p) for p in outputs.files]
-        j.provenance = j.provenance.model_copy(
-            update={
-                "model_name": entry.name,
-                "model_version": entry.version,
-                "weights_sha256": dict(entry.sha256),
-                "torch_version": segmenter.provenance.get("torch", ""),
-                "nnunetv2_version": segmenter.provenance.get("nnunetv2", ""),
-                "device": segmenter.device,
-            }
-        )
-        j.deliveries = {name: Delivery() for name in j.destinations}
-        j.percent = overall_percent("deliver", 0.0)
-
-    jobs.transition(job_id, JobState.DELIVERING, finished)
+        segmenter = segmenter_for(job.model)
+    except (RegistryError, KeyError) as exc:
+        raise JobFailure(
+            ErrorCode.MODEL_ERROR, str(exc), "Choose an installed model (openmsk models)."
+        ) from None
+    outputs = segment_volume(
+        volume, segmenter, segmenter.entry, job_output_dir(job), progress, dicom_outputs=bool(volume.sources)
+    )
+    jobs.transition(job_id, JobState.DELIVERING, lambda j: _record_outputs(j, outputs, segmenter))
     deliver_job.send(job_id)
 
 
-_retry_options = {"max_retries": MAX_RETRIES, "min_backoff": 2000, "max_backoff": 60_000}
+def _record_outputs(job: Job, outputs: Outputs, segmenter: Segmenter) -> None:
+    """What the pipeline wrote goes into the job record: delivery reads it from there, never from guesses."""
+    entry = segmenter.entry
+    job.files = [_relative(p) for p in outputs.files]
+    job.results = [
+        ResultInstance(
+            path=_relative(result.path),
+            sop_class_uid=result.sop_class_uid,
+            sop_instance_uid=result.sop_instance_uid,
+        )
+        for result in outputs.dicom
+    ]
+    job.provenance = job.provenance.model_copy(
+        update={
+            "model_name": entry.name,
+            "model_version": entry.version,
+            "weights_sha256": dict(entry.sha256),
+            "torch_version": segmenter.provenance.get("torch", ""),
+            "nnunetv2_version": segmenter.provenance.get("nnunetv2", ""),
+            "device": segmenter.device,
+        }
+    )
+    job.deliveries = {name: Delivery() for name in job.destinations} if job.results else {}
+    job.percent = overall_percent("deliver", 0.0)
+
+
+_segment_options = {
+    "retry_when": retry_segmentation,
+    "min_backoff": 2000,
+    "max_backoff": 60_000,
+    "time_limit": settings().job_time_limit_s * 1000,  # then TimeLimitExceeded: the job fails with TIMEOUT
+}
 segment_default = dramatiq.actor(
-    segment_job, actor_name=SEGMENT_ACTOR, queue_name="default", priority=10, **_retry_options
+    segment_job, actor_name=SEGMENT_ACTOR, queue_name="default", priority=10, **_segment_options
 )
 segment_urgent = dramatiq.actor(
-    segment_job, actor_name=SEGMENT_URGENT_ACTOR, queue_name="urgent", priority=0, **_retry_options
+    segment_job, actor_name=SEGMENT_URGENT_ACTOR, queue_name="urgent", priority=0, **_segment_options
 )
 
 
 # Deliveries have a queue of their own: in "default" they would wait behind every queued segmentation.
-@dramatiq.actor(actor_name=DELIVER_ACTOR, queue_name=DELIVER_QUEUE, priority=5, max_retries=0)
+@dramatiq.actor(actor_name=DELIVER_ACTOR, queue_name=DELIVER_QUEUE, priority=5, retry_when=retry_delivery)
 def deliver_job(job_id: str) -> None:
+    """Send the job's recorded results to each destination; come back (``Retry``) while any is not done."""
     jobs = store()
     job = jobs.get(job_id)
-    if job.state is not JobState.DELIVERING:
-        return
     jobs.progress(job_id, "deliver", overall_percent("deliver", 0.0))
-    out = job_output_dir(job)
-    dicom_files = [p for p in (out / "seg.dcm", out / "sr.dcm") if p.exists()]
-    sop_uids = _sop_uids(dicom_files)
-    destinations = load_destinations(settings())
-    waiting = False
+    files = [settings().data_path / result.path for result in job.results]
+    sop_uids = [result.sop_instance_uid for result in job.results]
+    missing = [path.name for path in files if not path.is_file()]
+    if missing:
+        raise JobFailure(
+            ErrorCode.DELIVERY_FAILED,
+            f"result file(s) {', '.join(missing)} are no longer on the node",
+            "Run the job again (retention may have removed its outputs).",
+        )
+    try:
+        destinations = load_destinations(settings())
+    except ValueError as exc:
+        raise JobFailure(
+            ErrorCode.CONFIG_ERROR, f"destinations file unusable: {exc}", "Fix OPENMSK_DESTINATIONS."
+        ) from None
+    retry_in: list[float] = []
     for name, delivery in job.deliveries.items():
         if delivery.status == "done":
             continue
-        try:
-            if name not in destinations:
-                raise DeliveryError(f"destination {name!r} is not configured")
-            destinations[name].send(dicom_files)
-            destinations[name].confirm(job.study_uid, sop_uids)
-            update = Delivery(status="done", attempts=delivery.attempts + 1)
-        except Exception as exc:
-            attempts = delivery.attempts + 1
-            spent = attempts > len(DELIVERY_BACKOFF_S)
-            update = Delivery(
-                status="failed" if spent else "retrying",
-                attempts=attempts,
-                last_error=str(exc) or type(exc).__name__,
-            )
-            waiting = waiting or not spent
-            log.warning("job %s: delivery to %s failed (attempt %d)", job_id, name, attempts)
+        if _images_at(name, job) == "waiting":
+            if delivery.status != "waiting":
+                jobs.update(job_id, lambda j, n=name: j.deliveries.__setitem__(n, Delivery(status="waiting")))
+            retry_in.append(IMAGES_POLL_S)
+            continue
+        update = _deliver_to(destinations.get(name), name, delivery, files, job.study_uid, sop_uids)
         jobs.update(job_id, lambda j, n=name, u=update: j.deliveries.__setitem__(n, u))
-
-    job = jobs.get(job_id)
-    if waiting:
-        attempts = max(d.attempts for d in job.deliveries.values() if d.status == "retrying")
-        delay = DELIVERY_BACKOFF_S[min(attempts, len(DELIVERY_BACKOFF_S)) - 1]
-        deliver_job.send_with_options(args=(job_id,), delay=delay * 1000)
-        return
-    failed = {n: d for n, d in job.deliveries.items() if d.status == "failed"}
-    if failed:
-        names = ", ".join(sorted(failed))
-        last = next(iter(failed.values())).last_error
-        jobs.fail(
-            job_id,
-            ErrorCode.DELIVERY_FAILED,
-            f"results could not be delivered to {names}: {last}",
-            "Check that the destination is reachable; the results are kept on the node.",
-        )
-        return
+        if update.status == "retrying":
+            retry_in.append(DELIVERY_BACKOFF_S[update.attempts - 1])
+        elif update.status == "failed":
+            raise JobFailure(
+                ErrorCode.DELIVERY_FAILED,
+                f"results could not be delivered to {name}: {update.last_error}",
+                "Check that the destination is reachable; the results are kept on the node.",
+            )
+    if retry_in:
+        raise dramatiq.Retry(delay=int(min(retry_in) * 1000))
 
     def done(j: Job) -> None:
         j.percent = 100.0
@@ -195,18 +184,55 @@ def deliver_job(job_id: str) -> None:
     log.info("job %s done", job_id)
 
 
-def _unexpected(exc: Exception) -> JobFailure:
-    """An error no stage anticipated: retried (it may be transient), then reported as a pipeline error."""
-    log.exception("job failed with an unexpected error")
-    return JobFailure(
-        ErrorCode.PIPELINE_ERROR,
-        f"unexpected {type(exc).__name__} in the pipeline",
-        "The node's log has the details; retry the job or report it.",
-        permanent=False,
-    )
+def _images_at(name: str, job: Job) -> Literal["arrived", "waiting"]:
+    """Whether the job's source images are at archive destination ``name`` (results never precede them).
+
+    Raises :class:`JobFailure` (ARCHIVE_FAILED) when the forwarder gave up on them or they are overdue.
+    """
+    if name not in job.archive:
+        return "arrived"  # not archived by the node: they came from there, or go there some other way
+    state = ForwardStates(store().redis).get(job.series_uid).get(name)
+    current = state is not None and (not job.sop_uids or state.digest == instances_digest(job.sop_uids))
+    if current and state.arrived:
+        return "arrived"
+    if current and state.status == "failed":
+        raise JobFailure(
+            ErrorCode.ARCHIVE_FAILED,
+            f"the source images could not be archived to {name}: {state.last_error}",
+            "The node keeps retrying the images; retry the job once the destination has them.",
+        )
+    since = job.state_times.get(JobState.DELIVERING.value, time.time())
+    if time.time() - since > IMAGES_WAIT_LIMIT_S:
+        raise JobFailure(
+            ErrorCode.ARCHIVE_FAILED,
+            f"the source images did not reach {name} within {IMAGES_WAIT_LIMIT_S / 60:.0f} minutes",
+            "Check that the SCP (which forwards the images) is running and the destination is reachable.",
+        )
+    return "waiting"
 
 
-def _sop_uids(files: list[Path]) -> list[str]:
-    import pydicom
-
-    return [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files]
+def _deliver_to(
+    destination: Destination | None,
+    name: str,
+    delivery: Delivery,
+    files: list[Path],
+    study_uid: str,
+    sop_uids: list[str],
+) -> Delivery:
+    """One attempt at one destination: ``done``, ``retrying`` (backoff left) or ``failed``."""
+    attempts = delivery.attempts + 1
+    try:
+        if destination is None:
+            raise ValueError(f"destination {name!r} is not configured")
+        destination.send(files)
+        destination.confirm(study_uid, sop_uids)
+        return Delivery(status="done", attempts=attempts)
+    except Exception as exc:  # a destination's library may raise anything; it is this attempt's outcome
+        permanent = isinstance(exc, ValueError)  # not configured: retrying cannot help
+        spent = permanent or attempts > len(DELIVERY_BACKOFF_S)
+        log.warning("job delivery to %s failed (attempt %d)", name, attempts)
+        return Delivery(
+            status="failed" if spent else "retrying",
+            attempts=attempts,
+            last_error=str(exc) or type(exc).__name__,
+        )

@@ -18,11 +18,12 @@ import nibabel as nib
 import numpy as np
 
 from openmsk import __version__
+from openmsk.atomic import write_atomic
 from openmsk.jobs import ErrorCode
 from openmsk.models.registry import ModelEntry
-from openmsk.models.segmenter import Segmenter, from_canonical, to_canonical
 from worker.analysis_process import start_analysis
 from worker.errors import JobFailure
+from worker.models.segmenter import Segmenter, from_canonical, to_canonical
 from worker.preview import write_preview
 from worker.report import write_report
 from worker.seg import write_seg
@@ -49,10 +50,20 @@ def overall_percent(stage: str, fraction: float) -> float:
 
 
 @dataclass
+class DicomResult:
+    """One DICOM result written (SEG, SR): what delivery sends, recorded in the job so it never guesses."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+@dataclass
 class Outputs:
     """What one run wrote, relative to its output folder, and the UIDs of the DICOM results."""
 
     files: list[Path] = field(default_factory=list)
+    dicom: list[DicomResult] = field(default_factory=list)
     seg_sop_uid: str | None = None
     sr_sop_uid: str | None = None
     measurements: dict[str, Any] = field(default_factory=dict)
@@ -127,6 +138,7 @@ def segment_volume(
         seg = write_seg(volume, labels, entry.name, entry.version, seg_path, labelmap=labelmap_seg)
         outputs.seg_sop_uid = seg.sop_uid
         outputs.files.append(seg_path)
+        outputs.dicom.append(DicomResult(seg_path, str(seg.dataset.SOPClassUID), seg.sop_uid))
     progress("write", 1.0)
 
     progress("analyse", 0.0)
@@ -140,8 +152,10 @@ def segment_volume(
         sr = write_sr(seg.dataset, volume, measurements, entry.name, entry.version, sr_path)
         outputs.sr_sop_uid = sr.sop_uid
         outputs.files.append(sr_path)
+        outputs.dicom.append(DicomResult(sr_path, sr.sop_class_uid, sr.sop_uid))
     manifest = out_dir / "manifest.json"
-    manifest.write_text(
+    write_atomic(
+        manifest,
         json.dumps(
             {
                 "provenance": provenance,
@@ -153,7 +167,7 @@ def segment_volume(
                 "files": sorted(p.name for p in outputs.files),
             },
             indent=2,
-        )
+        ).encode(),
     )
     outputs.files.append(manifest)
     progress("analyse", 1.0)

@@ -14,7 +14,7 @@ from openmsk.config import Settings
 from openmsk.heartbeat import Heartbeat
 from openmsk.queue import QUEUES, make_broker
 from worker import analysis_process
-from worker.device import device_info, resolve_device
+from worker.device import device_info, gpu_free_probe, resolve_device
 
 log = logging.getLogger("openmsk.worker")
 
@@ -54,7 +54,13 @@ def run_worker(settings: Settings, stop: threading.Event | None = None) -> int:
 
     device = resolve_device(settings.device)
     broker = make_broker(settings.redis_url)
+    from dramatiq.middleware import Retries
+
     import worker.actors
+    from worker.bookkeeping import JobBookkeeping
+
+    # "after" hooks run in reverse order: placed before Retries, the bookkeeping sees Retries' verdict.
+    broker.add_middleware(JobBookkeeping(worker.actors.store), before=Retries)
 
     for queue in QUEUES:
         broker.declare_queue(queue)
@@ -63,7 +69,10 @@ def run_worker(settings: Settings, stop: threading.Event | None = None) -> int:
     worker = dramatiq.Worker(broker, worker_threads=1, worker_timeout=1000)
     worker.queue_prefetch = 1
     heartbeat = Heartbeat(
-        redis.Redis.from_url(settings.redis_url), device_info(device), settings.worker_stale_s
+        redis.Redis.from_url(settings.redis_url),
+        device_info(device),
+        settings.worker_stale_s,
+        gpu_free=gpu_free_probe(device),  # measured on every beat, not once before the model loads
     )
     heartbeat.start()
     preload_default_model()

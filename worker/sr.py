@@ -72,6 +72,7 @@ class SrResult:
     sop_uid: str
     path: Path | None = None
     tissues: tuple[str, ...] = ()
+    sop_class_uid: str = ""
 
 
 def sr_uids(source_series_uid: str, model_name: str, model_version: str) -> tuple[str, str]:
@@ -260,4 +261,10 @@ def write_sr(
         software_versions=__version__,
     )
     path = save_dataset(sr, out_path)
-    return SrResult(series_uid=series_uid, sop_uid=sop_uid, path=path, tissues=tuple(ordered))
+    return SrResult(
+        series_uid=series_uid,
+        sop_uid=sop_uid,
+        path=path,
+        tissues=tuple(ordered),
+        sop_class_uid=str(sr.SOPClassUID),
+    )
