@@ -60,6 +60,8 @@ def worker_env(settings: Settings, orthanc: ManagedOrthanc) -> dict[str, str]:
         OPENMSK_ORTHANC_URL=orthanc.url,
         OPENMSK_ORTHANC_USER=orthanc.user,
         OPENMSK_ORTHANC_PASSWORD=orthanc.password,
+        OPENMSK_ORTHANC_DICOM_PORT=str(orthanc.dicom_port),
+        OPENMSK_ORTHANC_AET=orthanc.aet,
         OPENMSK_DEVICE="cpu",
     )
 
@@ -76,16 +78,12 @@ def default_model(settings: Settings) -> str:
 def test_storescu_to_node_puts_seg_and_sr_into_the_study_in_orthanc(
     settings: Settings, orthanc_server: ManagedOrthanc, tmp_path: Path, default_model: str
 ) -> None:
-    """scanner --storescu--> SCP --queue--> worker --REST--> Orthanc, with the default routing rule."""
+    """scanner --storescu--> SCP --queue--> worker --REST--> Orthanc, with the default routing rule: the node is
+    the first hop, so it archives the images in Orthanc too, and the SEG/SR land beside them in one study."""
     phantom = tmp_path / "phantom"
     write_series(generate(seed=4101, size="small", orientation="coronal", laterality="L"), phantom)
     files = sorted(str(p) for p in (phantom / "dicom").iterdir())
     dcmtk_env = {"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}
-    # The PACS already holds the source study (as when Orthanc auto-routes it to the node).
-    subprocess.run(
-        ["storescu", "-aec", orthanc_server.aet, "127.0.0.1", str(orthanc_server.dicom_port), *files],
-        check=True, env=dcmtk_env, timeout=60,
-    )  # fmt: skip
     env = worker_env(settings, orthanc_server)
     scp = openmsk("scp", env, tmp_path / "scp.log")
     worker = openmsk("worker", env, tmp_path / "worker.log")
@@ -118,8 +116,11 @@ def test_storescu_to_node_puts_seg_and_sr_into_the_study_in_orthanc(
         }
         assert expected <= names
 
+        assert job.archive == ["orthanc"]
+        images = orthanc_series(orthanc_server, job.study_uid, "MR")
         segs = orthanc_series(orthanc_server, job.study_uid, "SEG")
         srs = orthanc_series(orthanc_server, job.study_uid, "SR")
+        assert len(images) == 1 and len(images[0]["Instances"]) == len(files)
         assert len(segs) == 1 and len(segs[0]["Instances"]) == 1
         assert len(srs) == 1
 
