@@ -20,8 +20,8 @@ import torch
 from bench.stage_timer import StageTimer
 from openmsk.config import load_settings
 from openmsk.models.registry import load_registry
-from openmsk.models.segmenter import load_segmenter
 from openmsk.phantom import generate, write_series
+from worker.models.segmenter import load_segmenter
 from worker.pipeline import segment_volume
 from worker.volume import load_series, read_series
 

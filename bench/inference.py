@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from openmsk.config import load_settings
 from openmsk.models.registry import ModelEntry, load_registry
-from openmsk.models.segmenter import load_segmenter, resolve_device, to_canonical
 from openmsk.phantom import generate
+from worker.device import resolve_device
+from worker.models.segmenter import load_segmenter, to_canonical
 
 TARGET_RATIO = 0.5
 

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.stage_timer import StageTimer
 from openmsk.config import load_settings
 from openmsk.models.registry import ModelEntry, load_registry
-from openmsk.models.segmenter import Segmenter, load_segmenter
 from openmsk.phantom import generate, write_series
+from worker.models.segmenter import Segmenter, load_segmenter
 from worker.pipeline import segment_volume
 from worker.volume import load_series, read_series
 from worker.warmup import warm_up_outputs

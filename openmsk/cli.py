@@ -1,27 +1,41 @@
 """The ``openmsk`` command line: one entry point, sub-commands registered by the module that owns them.
 
-Modules listed here are imported only to declare their arguments; they import heavy libraries (torch,
-pynetdicom, nnunetv2) inside their handlers, so ``openmsk --help`` stays fast.
+The shared core names no room: the modules that add sub-commands are the package's ``openmsk.commands`` entry
+points (``pyproject.toml``), each a module with ``register(subparsers)``. They are imported only to declare their
+arguments; they import heavy libraries (torch, pynetdicom, nnunetv2) inside their handlers, so
+``openmsk --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
+from importlib import import_module
+from importlib.metadata import distributions
 
 from openmsk import __version__
 from openmsk.config import ConfigError, load_settings
 
-COMMAND_MODULES = (
-    "scp.cli",
-    "worker.cli",
-    "web.cli",
-    "openmsk.phantom.cli",
-    "openmsk.models.cli",
-    "openmsk.orthanc_query",
-)
+COMMAND_GROUP = "openmsk.commands"  # entry points: one per module with register(subparsers)
+
+
+def command_modules() -> list[str]:
+    """The modules that register sub-commands (the package's ``openmsk.commands`` entry points)."""
+    names: dict[str, str] = {}
+    # Every copy of the package's metadata on the path, not only the first: a stale ``openmsk.egg-info`` left in
+    # the working directory by an older build would otherwise hide the installed entry points.
+    for dist in distributions(name="openmsk"):
+        for entry in dist.entry_points.select(group=COMMAND_GROUP):
+            names.setdefault(entry.name, entry.value)
+        if names:
+            break
+    if not names:
+        raise SystemExit(
+            f"openmsk: no sub-commands registered (entry points {COMMAND_GROUP!r}); "
+            "reinstall the package: pip install -e ."
+        )
+    return list(names.values())
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -41,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         "up", help="run the whole node: SCP, worker, web (and Redis/Orthanc when unset)"
     )
     up.set_defaults(func=_up)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    for name in command_modules():
+        import_module(name).register(subparsers)
     return parser
 
 

@@ -2,19 +2,26 @@
 
 A worker writes its record every few seconds; a reader counts a worker as alive only if its record is younger
 than ``stale_s``. Redis answering says nothing about workers — that was the seed service's mistake.
+
+Free GPU memory is measured on every beat by a probe the worker passes in (``gpu_free``), so this module, read
+by the web as well, never imports torch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
+
+log = logging.getLogger("openmsk.worker")
 
 KEY_PREFIX = "openmsk:worker:"
 # Ids of workers that have beaten; readers look up only these keys instead of scanning the keyspace.
@@ -57,8 +64,16 @@ def live_workers(client: redis.Redis, stale_s: float) -> list[dict[str, Any]]:
 class Heartbeat:
     """A daemon thread that beats every :data:`INTERVAL_S` until stopped."""
 
-    def __init__(self, client: redis.Redis, info: dict[str, Any], stale_s: float) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        info: dict[str, Any],
+        stale_s: float,
+        gpu_free: Callable[[], int | None] | None = None,
+    ) -> None:
+        """*gpu_free*, when given, is called on every beat: its answer is the record's ``gpu_free_bytes``."""
         self.client, self.info, self.stale_s = client, info, stale_s
+        self.gpu_free = gpu_free
         self.ident = worker_id()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="openmsk-heartbeat", daemon=True)
@@ -72,10 +87,24 @@ class Heartbeat:
         with contextlib.suppress(redis.RedisError):
             remove(self.client, self.ident)
 
+    def record(self) -> dict[str, Any]:
+        """What one beat writes: the worker's info, with free GPU memory measured now when there is a probe."""
+        if self.gpu_free is None:
+            return self.info
+        try:
+            free = self.gpu_free()
+        except Exception as exc:  # a failing probe must not stop the beats: the worker would look dead
+            log.warning("GPU free memory not measured: %s", exc)
+            free = None
+        return {**self.info, "gpu_free_bytes": free}
+
+    def beat_once(self) -> None:
+        # Redis down: the worker simply looks stale until it is back.
+        with contextlib.suppress(redis.RedisError):
+            beat(self.client, self.ident, self.record(), self.stale_s)
+
     def _run(self) -> None:
         interval = min(INTERVAL_S, self.stale_s / 3)
         while not self._stop.is_set():
-            # Redis down: the worker simply looks stale until it is back.
-            with contextlib.suppress(redis.RedisError):
-                beat(self.client, self.ident, self.info, self.stale_s)
+            self.beat_once()
             self._stop.wait(interval)

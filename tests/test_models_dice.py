@@ -17,9 +17,9 @@ import pytest
 
 from openmsk.config import REPO_DIR
 from openmsk.models.registry import load_registry
-from openmsk.models.segmenter import from_canonical, load_segmenter, to_canonical
 from openmsk.phantom import LABELS, Phantom, generate
 from tests.quality import dice, threshold
+from worker.models.segmenter import from_canonical, load_segmenter, to_canonical
 
 REGISTRY = REPO_DIR / "models" / "registry.toml"
 MODELS = ("nnunet_fullres", "nnunet_cascade", "dosma_2d")

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from openmsk.labels import BY_NAME
-from openmsk.models.segmenter import bone_islands_removed, split_medial_lateral, to_canonical
 from openmsk.phantom import generate
+from worker.models.segmenter import bone_islands_removed, split_medial_lateral, to_canonical
 
 FEMUR, TIBIA, PATELLA = (BY_NAME[n].label for n in ("femur", "tibia", "patella"))
 FEMORAL_CARTILAGE = BY_NAME["femoral_cartilage"].label

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from openmsk.config import REPO_DIR, load_settings
-from openmsk.models import cli as models_cli
 from openmsk.models.registry import (
     ModelEntry,
     RegistryError,
@@ -24,6 +23,7 @@ from openmsk.models.registry import (
     write_registry,
 )
 from openmsk.phantom import LABELS
+from worker.models import cli as models_cli
 
 SHIPPED = REPO_DIR / "models" / "registry.toml"
 DATASET = "Dataset950_Test"

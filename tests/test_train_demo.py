@@ -25,7 +25,7 @@ LOAD_AND_SEGMENT = textwrap.dedent(
     import json, sys
     import numpy as np
     from openmsk.models.registry import load_registry
-    from openmsk.models.segmenter import from_canonical, load_segmenter, to_canonical
+    from worker.models.segmenter import from_canonical, load_segmenter, to_canonical
     from openmsk.phantom import generate
 
     registry = load_registry(sys.argv[1])
@@ -60,7 +60,7 @@ def test_train_demo_tiny_budget_loads_through_registry(tmp_path: Path) -> None:
     command = [
         sys.executable,
         "-m",
-        "openmsk.models.train_demo",
+        "worker.models.train_demo",
         "--iterations",
         "2",
         "--cases",

@@ -70,9 +70,9 @@ def _segment(args: argparse.Namespace) -> int:
 
     from openmsk.config import load_settings
     from openmsk.models.registry import RegistryError, load_registry
-    from openmsk.models.segmenter import SegmenterError, load_segmenter
     from worker.errors import JobFailure
     from worker.inputs import load_input
+    from worker.models.segmenter import SegmenterError, load_segmenter
     from worker.pipeline import overall_percent, segment_volume
 
     settings = load_settings()

@@ -1,7 +1,7 @@
-"""Segmentation models: the registry (which models exist and where their verified weights are), the segmenter
-(one loaded model per worker process) and the demo models trained on phantoms.
+"""The model registry: which models exist and where their verified weights are (read by the web and the
+worker alike). The segmenters that load and run them are the worker's (:mod:`worker.models`).
 
-Importing this package is cheap; torch and nnU-Net are imported when a model is loaded or trained.
+Importing this package is cheap: it never imports torch or nnU-Net.
 """
 
 from openmsk.models.registry import ModelEntry, Registry, RegistryError, load_registry, model_statuses

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 KINDS = ("nnunet", "nnunet_cascade", "slicewise2d")
 NNUNET_KINDS = ("nnunet", "nnunet_cascade")
 CASCADE_CONFIGURATIONS = ("3d_lowres", "3d_cascade_fullres")
-# Named steps a model's output may go through after its label map (see openmsk.models.segmenter).
+# Named steps a model's output may go through after its label map (see worker.models.segmenter).
 POSTPROCESS_STEPS = ("remove_bone_islands", "split_medial_lateral")
 # Canonical tissue names -> label values, from OpenMSK's one tissue table (openmsk.labels).
 CANONICAL_IDS: dict[str, int] = {t.name: t.label for t in TISSUES.values()}

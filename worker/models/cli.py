@@ -5,7 +5,7 @@
   root, a dataset folder or one ``Trainer__Plans__configuration`` folder) or a zip exported by
   ``nnUNetv2_export_model_to_zip``: the files inference needs are copied next to the registry and an entry
   with their SHA-256 is written;
-* ``openmsk models train-demo`` — see :mod:`openmsk.models.train_demo`.
+* ``openmsk models train-demo`` — see :mod:`worker.models.train_demo`.
 
 Handlers return exit codes and import heavy modules only when they run.
 """
@@ -76,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     install.add_argument("--registry", type=Path, help="registry file (default: OPENMSK_MODEL_REGISTRY)")
     install.set_defaults(func=_install)
 
-    from openmsk.models.train_demo import build_parser
+    from worker.models.train_demo import build_parser
 
     demo = actions.add_parser("train-demo", help="train the demo models on synthetic phantoms (CPU, minutes)")
     build_parser(demo)
@@ -365,10 +365,10 @@ def _train_demo(args: argparse.Namespace) -> int:
     import os
     import subprocess
 
-    from openmsk.models.train_demo import to_argv
+    from worker.models.train_demo import to_argv
 
     env = dict(os.environ)
     env.setdefault(
         "OMP_WAIT_POLICY", "PASSIVE"
     )  # read when torch loads: must be set before the process starts
-    return subprocess.call([sys.executable, "-m", "openmsk.models.train_demo", *to_argv(args)], env=env)
+    return subprocess.call([sys.executable, "-m", "worker.models.train_demo", *to_argv(args)], env=env)

@@ -29,6 +29,7 @@ from numpy.typing import NDArray
 
 from openmsk.labels import BONES, BY_NAME
 from openmsk.models.registry import POSTPROCESS_STEPS, ModelEntry, RegistryError
+from worker.device import DeviceError, resolve_device
 
 Progress = Callable[[float], None]
 
@@ -255,19 +256,6 @@ def prepare_nnunet_env() -> None:
             os.environ[var] = os.path.join(base, var)
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``; ``cuda`` without a GPU is an error."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SegmenterError("device 'cuda' requested but torch sees no CUDA device")
-    if device not in ("cpu", "cuda"):
-        raise SegmenterError(f"device must be auto, cpu or cuda, got {device!r}")
-    return device
-
-
 def _package_version(name: str) -> str:
     try:
         return version(name)
@@ -438,11 +426,11 @@ class NnUNetSegmenter(Segmenter):
 
 
 class Slicewise2DSegmenter(Segmenter):
-    """The DOSMA-style 2D U-Net applied to every sagittal slice (see :mod:`openmsk.models.slicewise2d`)."""
+    """The DOSMA-style 2D U-Net applied to every sagittal slice (see :mod:`worker.models.slicewise2d`)."""
 
     def __init__(self, entry: ModelEntry, device: str) -> None:
         super().__init__(entry, device)
-        from openmsk.models.slicewise2d import load_slicewise_model
+        from worker.models.slicewise2d import load_slicewise_model
 
         try:
             self._model = load_slicewise_model(entry.checkpoint_files()[0], device)
@@ -464,7 +452,10 @@ def load_segmenter(entry: ModelEntry, device: str = "auto") -> Segmenter:
     :class:`SegmenterError` for one that cannot be loaded or a device that is not there.
     """
     entry.verify()  # hashes are checked before any pickle is opened
-    resolved = resolve_device(device)
+    try:
+        resolved = resolve_device(device)
+    except DeviceError as exc:
+        raise SegmenterError(str(exc)) from exc
     if entry.kind in ("nnunet", "nnunet_cascade"):
         return NnUNetSegmenter(entry, resolved)
     if entry.kind == "slicewise2d":

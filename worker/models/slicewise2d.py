@@ -5,13 +5,13 @@ tibial and patellar cartilage and meniscus; medial and lateral are not told apar
 sagittal slice cannot know which side of the knee it is on) but by an analysis step over the whole volume.
 This module does the same:
 
-1. the canonical volume (see :mod:`openmsk.models.segmenter`) is z-scored and resampled to an isotropic grid
+1. the canonical volume (see :mod:`worker.models.segmenter`) is z-scored and resampled to an isotropic grid
    (``target_spacing`` mm) so every acquisition plane gives the network the same pixel size;
 2. every sagittal slice (constant x) goes through the 2D U-Net; softmax probabilities are resampled back to
    the input grid and arg-maxed;
 3. the registry entry maps the network's labels (:data:`~openmsk.models.registry.COMPARTMENT_FREE_LABELS`)
    to canonical ones and names the ``split_medial_lateral`` step
-   (:func:`openmsk.models.segmenter.split_medial_lateral`), which assigns tibial cartilage and menisci to
+   (:func:`worker.models.segmenter.split_medial_lateral`), which assigns tibial cartilage and menisci to
    the medial or lateral compartment by anatomy.
 
 The checkpoint is a plain dict (``config`` of numbers/strings, ``state_dict`` of tensors) loaded with

@@ -4,10 +4,10 @@ Three models, each small enough to ship in the repository and to train on two CP
 
 * ``nnunet_fullres`` — nnU-Net v2 ``3d_fullres`` (a small PlainConvUNet);
 * ``nnunet_cascade`` — nnU-Net v2 ``3d_lowres`` then ``3d_cascade_fullres``;
-* ``dosma_2d`` — the DOSMA-style sagittal 2D U-Net of :mod:`openmsk.models.slicewise2d`.
+* ``dosma_2d`` — the DOSMA-style sagittal 2D U-Net of :mod:`worker.models.slicewise2d`.
 
 Training data are phantoms (:mod:`openmsk.phantom`) of every acquisition plane and both knees, reoriented to the
-canonical orientation the worker segments in (:func:`openmsk.models.segmenter.to_canonical`); one in
+canonical orientation the worker segments in (:func:`worker.models.segmenter.to_canonical`); one in
 :data:`FULL_SIZE_EVERY` is full size (a clinical grid and field of view), the rest small. Their seeds start at
 :data:`TRAIN_SEED_BASE`, far from the small seeds the tests evaluate on, and are listed in each model's
 ``training.json`` with their sizes.
@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from openmsk.models.registry import COMPARTMENT_FREE_LABELS, ModelEntry, hash_files, upsert_entry
-from openmsk.models.segmenter import to_canonical
+from worker.models.segmenter import to_canonical
 
 DEMO_MODELS = ("nnunet_fullres", "nnunet_cascade", "dosma_2d")
 DATASET_ID = 901
@@ -489,7 +489,7 @@ def train_slicewise(
     import torch
     import torch.nn.functional as F
 
-    from openmsk.models.slicewise2d import (
+    from worker.models.slicewise2d import (
         SlicewiseConfig,
         UNet2D,
         normalise,
@@ -703,7 +703,7 @@ def train_demo(
                     "nnU-Net v2 cascade (3d_lowres -> 3d_cascade_fullres) trained on phantoms (demo)"
                 )
             else:
-                from openmsk.models.slicewise2d import save_slicewise_model
+                from worker.models.slicewise2d import save_slicewise_model
 
                 network, config, steps = train_slicewise(cases, n_iter, budget_s, seed, log)
                 checkpoint = model_dir / "model.pt"
@@ -752,9 +752,7 @@ def train_demo(
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Arguments of ``train-demo`` (shared by ``openmsk models train-demo`` and ``python -m``)."""
-    parser = parser or argparse.ArgumentParser(
-        prog="python -m openmsk.models.train_demo", description=__doc__
-    )
+    parser = parser or argparse.ArgumentParser(prog="python -m worker.models.train_demo", description=__doc__)
     parser.add_argument(
         "--model",
         action="append",
@@ -814,7 +812,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def to_argv(args: argparse.Namespace) -> list[str]:
     """The command-line arguments that reproduce *args* (``openmsk models train-demo`` re-runs itself as
-    ``python -m openmsk.models.train_demo`` so that training gets a fresh process: its own nnU-Net environment,
+    ``python -m worker.models.train_demo`` so that training gets a fresh process: its own nnU-Net environment,
     passive OpenMP waiting, and a ``__main__`` that nnU-Net's spawned workers can import)."""
     argv: list[str] = []
     for name in args.model or ():
