@@ -113,7 +113,7 @@ class ThreadProfiler:
 
 def make_instances(folder: Path, count: int, size: int) -> int:
     """Write ``count`` instances of one 3D knee MR series; returns the total bytes."""
-    from scp.testdata import write_mr_series
+    from tests.mr_series import write_mr_series
 
     paths = write_mr_series(folder, count, size, size, description="PD SPACE SAG KNEE")
     return sum(p.stat().st_size for p in paths)

@@ -25,7 +25,7 @@ from destinations.orthanc import OrthancDestination
 from openmsk.config import Settings, load_settings
 from scp.cli import register
 from scp.routing import Decision, RoutingError, RoutingRules, Rule, SeriesInfo, format_decision
-from scp.testdata import write_mr_series
+from tests.mr_series import write_mr_series
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "scp" / "routing.toml"

@@ -28,7 +28,7 @@ from scp.cli import register
 from scp.dispatch import idempotency_key
 from scp.routing import resolve_default_model
 from scp.server import StorageSCP
-from scp.testdata import write_mr_series
+from tests.mr_series import write_mr_series
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 StartSCP = Callable[..., StorageSCP]

@@ -15,7 +15,7 @@ from openmsk.jobs import JobState, JobStore
 from openmsk.managed.orthanc import ORTHANC_DIR, ManagedOrthanc
 from openmsk.managed.process import free_port
 from scp.server import StorageSCP
-from scp.testdata import write_mr_series
+from tests.mr_series import write_mr_series
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from openmsk.config import Settings
 from openmsk.managed.process import free_port
 from scp.fastpath import FastStoreReceiver
 from scp.server import StorageSCP
-from scp.testdata import mr_dataset, write_mr_series
+from tests.mr_series import mr_dataset, write_mr_series
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 StartSCP = Callable[..., StorageSCP]

@@ -25,7 +25,7 @@ from scp.storage import (
     read_file_meta,
     read_header,
 )
-from scp.testdata import mr_dataset
+from tests.mr_series import mr_dataset
 
 IMPLICIT = "1.2.840.10008.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
