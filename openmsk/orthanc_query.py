@@ -2,7 +2,7 @@
 
 A result is recognised by what the node writes into every SEG: the referenced source series and the algorithm
 identification (model name and version). Patient names and IDs are not printed. Studies and jobs carry a link
-that opens the study in the node's viewer (``web.viewer``).
+that opens the study in the node's viewer (:mod:`openmsk.viewer_links`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 from orthanc_api_client import OrthancApiClient
 
 from openmsk.config import Settings
+from openmsk.viewer_links import study_link  # the viewer's own origin: OPENMSK_VIEWER_URL or its port
 
 
 @dataclass
@@ -96,8 +97,6 @@ def _run(args: argparse.Namespace) -> int:
     settings = load_settings()
     client = client_for(settings)
     if args.what == "studies":
-        from web.viewer import study_link  # the viewer's own origin: OPENMSK_VIEWER_URL or the viewer port
-
         rows: list[dict[str, Any]] = [
             {**study, "viewer": study_link(settings, study["study_uid"])} for study in list_studies(client)
         ]
@@ -116,7 +115,6 @@ def _run(args: argparse.Namespace) -> int:
 def _jobs(settings: Settings, client: OrthancApiClient) -> list[dict[str, Any]]:
     """The node's recent jobs, each with whether its SEG is in Orthanc."""
     from openmsk.jobs import JobStore
-    from web.viewer import study_link  # the viewer's own origin: OPENMSK_VIEWER_URL or the viewer port
 
     if settings.redis_url is None:
         raise RuntimeError("OPENMSK_REDIS_URL is not set: the job list lives in Redis")
