@@ -41,7 +41,7 @@ output for it, whose stray cartilage voxels widen the boxes.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -141,6 +141,11 @@ def cartilage_thickness(
     used), ``interface_area_mm2`` (area of the bone–cartilage interface) and ``voxels_across`` (median sheet
     thickness in voxels along the normal). *box* is the cartilage's bounding box if the caller has it
     (``scipy.ndimage.find_objects``), to save a pass.
+
+    The steps: the region a ray from the bone can reach (:func:`_reachable_region`), the bone–cartilage
+    interface faces with their normals and areas (:func:`_interface`), one ray per face (:func:`_cast_rays`),
+    the faces away from the sheet's edge (:func:`_interior_faces`), and the smoothed, area-weighted statistics
+    (:func:`_statistics`).
     """
     from scipy import ndimage as ndi
 
@@ -150,6 +155,33 @@ def cartilage_thickness(
         if not found or found[0] is None:
             return None
         box = found[0]
+    region = _reachable_region(labels, sp, cartilage, bone, box)
+    if region is None:
+        return None
+    crop, cart, bone_mask, cart_voxels = region
+    faces = _interface(bone_mask, cart_voxels, sp)
+    if faces is None:
+        return None
+    raw = _cast_rays(cart, faces, sp)
+    keep = _interior_faces(labels.shape, crop, bone_mask, cart, faces, raw, sp)
+    return _statistics(faces, raw, keep, cart.shape, sp)
+
+
+class _Faces(NamedTuple):
+    """The bone–cartilage interface: one entry per voxel face between a bone and a cartilage voxel."""
+
+    bone_voxels: NDArray[np.int64]  # (n, 3) the bone voxel of each face, in the crop
+    face_axis: NDArray[np.int64]  # the axis the face is normal to
+    face_side: NDArray[np.int64]  # +1 / -1: on which side of the bone voxel the cartilage is
+    normal_mm: NDArray[np.float64]  # (n, 3) outward bone normal, unit length in mm space
+    weight: NDArray[np.float64]  # the face's area projected onto the bone surface (mm²)
+
+
+def _reachable_region(
+    labels: NDArray[Any], sp: NDArray[np.float64], cartilage: int, bone: int, box: tuple[slice, ...]
+) -> tuple[tuple[slice, ...], NDArray[np.bool_], NDArray[np.bool_], NDArray[np.int64]] | None:
+    """The crop to measure in (the cartilage within a ray's reach of the bone, with room for the Gaussians),
+    its cartilage and bone masks and its cartilage voxels; None if no cartilage voxel touches the bone."""
     sigma_n = normal_sigma_mm(sp)
     sigma_s = smoothing_sigma_mm(sp)
     # The crop needs room for the Gaussians only: rays that leave it sample zero there (mode="constant"),
@@ -178,15 +210,43 @@ def cartilage_thickness(
     # The crop's cartilage voxels are those of the box found above that lie in it (still in row-major order).
     cart_voxels = in_box + [g.start - c.start for g, c in zip(grown, crop, strict=True)]
     cart_voxels = cart_voxels[np.all((cart_voxels >= 0) & (cart_voxels < cart.shape), axis=1)]
+    return crop, cart, bone_mask, cart_voxels
+
+
+def _interface(
+    bone_mask: NDArray[np.bool_], cart_voxels: NDArray[np.int64], sp: NDArray[np.float64]
+) -> _Faces | None:
+    """The interface faces that stand for some bone surface, with normals and areas; None if there are none."""
     bone_voxels, face_axis, face_side = _interface_faces(bone_mask, cart_voxels)
     if len(bone_voxels) == 0:
         return None
-    # Outward bone normal (mm space) at the bone voxel of each face, from central differences of the smoothed
-    # bone mask (one-sided at the border of the image, where the crop cannot add a margin). The smoothing is
-    # needed around the interface only: its box, with room for the kernel and the differences.
+    normal_mm, norm = _bone_normals(bone_mask, bone_voxels, sp)
+    # Each face stands for its area projected onto the bone surface (face area × cosine to the normal): these
+    # projections tile the surface, so weighted means are means per surface area, not per staircase step.
+    face_area = np.prod(sp) / sp[face_axis]
+    cosine = face_side * normal_mm[np.arange(len(face_axis)), face_axis]
+    weight = face_area * cosine
+    ok = (norm > 1e-6) & (cosine > 0.05)  # faces turned away from the normal stand for no area
+    if not ok.any():
+        return None
+    return _Faces(bone_voxels[ok], face_axis[ok], face_side[ok], normal_mm[ok], weight[ok])
+
+
+def _bone_normals(
+    bone_mask: NDArray[np.bool_], bone_voxels: NDArray[np.int64], sp: NDArray[np.float64]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Outward bone normal (mm space, unit length) at each of *bone_voxels*, and the gradient's length.
+
+    From central differences of the smoothed bone mask (one-sided at the border of the image, where the crop
+    cannot add a margin). The smoothing is needed around the interface only: its box, with room for the
+    kernel and the differences.
+    """
+    from scipy import ndimage as ndi
+
+    sigma_n = normal_sigma_mm(sp)
     room = np.ceil(_TRUNCATE * sigma_n / sp).astype(np.int64) + 2
     low = np.maximum(bone_voxels.min(axis=0) - room, 0)
-    high = np.minimum(bone_voxels.max(axis=0) + room + 1, cart.shape)
+    high = np.minimum(bone_voxels.max(axis=0) + room + 1, bone_mask.shape)
     smooth_bone = ndi.gaussian_filter(
         bone_mask[tuple(slice(a, b) for a, b in zip(low, high, strict=True))].astype(np.float32),
         sigma=sigma_n / sp,
@@ -203,31 +263,42 @@ def cartilage_thickness(
         dist = (ahead[:, axis] - behind[:, axis]) * sp[axis]
         grad[:, axis] = (smooth_bone[tuple(ahead.T)] - smooth_bone[tuple(behind.T)]) / np.maximum(dist, 1e-9)
     norm = np.linalg.norm(grad, axis=1)
-    normal_mm = -grad / np.maximum(norm, 1e-12)[:, None]
-    # Each face stands for its area projected onto the bone surface (face area × cosine to the normal): these
-    # projections tile the surface, so weighted means are means per surface area, not per staircase step.
-    face_area = np.prod(sp) / sp[face_axis]
-    cosine = face_side * normal_mm[np.arange(len(face_axis)), face_axis]
-    weight = face_area * cosine
-    ok = (norm > 1e-6) & (cosine > 0.05)  # faces turned away from the normal stand for no area
-    bone_voxels, face_axis, face_side = bone_voxels[ok], face_axis[ok], face_side[ok]
-    normal_mm, weight = normal_mm[ok], weight[ok]
-    if len(weight) == 0:
-        return None
+    return -grad / np.maximum(norm, 1e-12)[:, None], norm
 
-    # Rays start at a uniformly random point of their face (fixed seed: the same labels give the same
-    # numbers), so that the rays are spread evenly across the surface instead of lined up with the voxel grid,
-    # which would bias the integral on tilted sheets.
+
+def _cast_rays(cart: NDArray[np.bool_], faces: _Faces, sp: NDArray[np.float64]) -> NDArray[np.float64]:
+    """The cartilage thickness (mm) along one ray per face, from the face along the bone normal.
+
+    Rays start at a uniformly random point of their face (fixed seed: the same labels give the same numbers),
+    so that the rays are spread evenly across the surface instead of lined up with the voxel grid, which
+    would bias the integral on tilted sheets.
+    """
+    bone_voxels, face_axis, face_side = faces.bone_voxels, faces.face_axis, faces.face_side
     rng = np.random.default_rng(_JITTER_SEED)
     starts = bone_voxels.astype(np.float64) + rng.uniform(-0.5, 0.5, size=bone_voxels.shape)
     rows = np.arange(len(face_axis))
     starts[rows, face_axis] = bone_voxels[rows, face_axis] + 0.5 * face_side
-    raw = _trace(cart, starts, normal_mm, sp)
+    return _trace(cart, starts, faces.normal_mm, sp)
 
-    # Distance from each face's bone voxel to the edge of the covered area (the nearest bare bone-surface
-    # voxel) or to the border of the image, which cuts a sheet as its own edge does.
+
+def _interior_faces(
+    shape: tuple[int, ...],
+    crop: tuple[slice, ...],
+    bone_mask: NDArray[np.bool_],
+    cart: NDArray[np.bool_],
+    faces: _Faces,
+    raw: NDArray[np.float64],
+    sp: NDArray[np.float64],
+) -> NDArray[np.bool_]:
+    """Which faces are measured: those farther from the edge of the sheet than its median thickness.
+
+    The edge is the edge of the covered area (the nearest bare bone-surface voxel) or the border of the
+    image, which cuts a sheet as its own edge does. A sheet too thin or fragmented for that band keeps the
+    faces farthest from its edge instead.
+    """
+    bone_voxels, weight = faces.bone_voxels, faces.weight
     full_index = bone_voxels + np.array([s.start for s in crop])
-    border_mm = (np.minimum(full_index, np.array(labels.shape) - 1 - full_index) * sp).min(axis=1)
+    border_mm = (np.minimum(full_index, np.array(shape) - 1 - full_index) * sp).min(axis=1)
     edge_band = _weighted_quantile(raw, weight, 0.5)
     # Only "nearer than the band?" matters here, so the search stops at the band (most faces are farther),
     # and only the bare surface within the band of the faces' box can be that near.
@@ -242,20 +313,32 @@ def cartilage_thickness(
         bare_points = _bare_surface(bone_mask, cart, np.zeros(3, dtype=np.int64), np.array(cart.shape))
         edge_mm = np.minimum(_edge_distance(bare_points * sp, bone_voxels * sp, np.inf), border_mm)
         keep = edge_mm >= _weighted_quantile(edge_mm, weight, 1.0 - _MIN_KEPT_FRACTION)
+    return keep
 
-    w = weight[keep]
-    thickness = _smooth_over_interface(bone_voxels[keep], raw[keep], w, cart.shape, sp, sigma_s)
+
+def _statistics(
+    faces: _Faces,
+    raw: NDArray[np.float64],
+    keep: NDArray[np.bool_],
+    shape: tuple[int, ...],
+    sp: NDArray[np.float64],
+) -> dict[str, Any]:
+    """The kept faces' thickness smoothed over the interface, as area-weighted statistics."""
+    w = faces.weight[keep]
+    thickness = _smooth_over_interface(
+        faces.bone_voxels[keep], raw[keep], w, shape, sp, smoothing_sigma_mm(sp)
+    )
 
     mean = float(np.average(thickness, weights=w))
     # Voxel extent along each normal: 1 / |n / spacing| (equals the spacing for a normal along an axis).
-    extent = 1.0 / np.linalg.norm(normal_mm[keep] / sp, axis=1)
+    extent = 1.0 / np.linalg.norm(faces.normal_mm[keep] / sp, axis=1)
     return {
         "mean": mean,
         "median": _weighted_quantile(thickness, w, 0.5),
         "std": float(np.sqrt(np.average((thickness - mean) ** 2, weights=w))),
         "p95": _weighted_quantile(thickness, w, 0.95),
         "samples": int(keep.sum()),
-        "interface_area_mm2": float(weight.sum()),
+        "interface_area_mm2": float(faces.weight.sum()),
         "voxels_across": _weighted_quantile(thickness / extent, w, 0.5),
     }
 

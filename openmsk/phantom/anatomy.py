@@ -298,135 +298,199 @@ def _fill_segment(
         view[_segment(m, a, u, p0, p1) < radius] = value
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """The knee's dimensions (mm, local coordinates) that the parts of :func:`_evaluate` share."""
+
+    s: float  # scale
+    tf: float  # cartilage thickness: femoral, medial and lateral tibial, patellar
+    tm: float
+    tl: float
+    tp: float
+    gap: float  # half the joint space
+    margin: float  # mm beyond each bone: its cartilage shell, fluid film and smooth-union bulge fit inside
+    zfb: float  # lowest point of both femoral condyles
+    cz: float  # height of the condyles' centres
+    a_pat: float  # the patella's centre (anterior, up)
+    u_pat: float
+
+    @classmethod
+    def of(cls, knee: KneeParams) -> _Layout:
+        s = knee.scale
+        th = knee.thickness_mm
+        tf, tp = th["femoral_cartilage"], th["patellar_cartilage"]
+        gap = JOINT_HALF_GAP
+        zfb = gap + tf  # so femoral cartilage ends `gap` above the joint line
+        return cls(
+            s=s,
+            tf=tf,
+            tm=th["medial_tibial_cartilage"],
+            tl=th["lateral_tibial_cartilage"],
+            tp=tp,
+            gap=gap,
+            margin=5.0,
+            zfb=zfb,
+            cz=zfb + 24 * s,
+            a_pat=20 * s + tf + 2 * gap + tp + 10 * s,
+            u_pat=zfb + 38 * s,
+        )
+
+
+# One part of the knee: the slab's index box it lies in (None: outside the slab) and its masks in that box.
+_Part = tuple[tuple[slice, ...] | None, dict[str, Mask]]
+
+# Labels, later assignments winning: bone over cartilage over menisci. (part, mask, label)
+_LABEL_ORDER = (
+    ("plateau", "lat_men", 9),
+    ("plateau", "med_men", 8),
+    ("patella", "pat_cart", 7),
+    ("plateau", "lat_tc", 6),
+    ("plateau", "med_tc", 5),
+    ("femur", "fem_cart", 4),
+    ("patella", "pat", 3),
+    ("tibia", "tib", 2),
+    ("femur", "fem", 1),
+)
+# Cortex/subchondral plate: the outer millimetre of each bone is dark on MR. (part, label, inner mask)
+_CORTEX = (("femur", 1, "fem_inner"), ("tibia", 2, "tib_inner"), ("patella", 3, "pat_inner"))
+
+
 def _evaluate(slab: _Slab, knee: KneeParams) -> tuple[NDArray[np.uint8], NDArray[np.uint8]]:
-    """Labels (0–9) and tissue classes at the slab's voxel centres."""
-    s = knee.scale
-    th = knee.thickness_mm
-    tf, tm, tl, tp = (
-        th["femoral_cartilage"],
-        th["medial_tibial_cartilage"],
-        th["lateral_tibial_cartilage"],
-        th["patellar_cartilage"],
-    )
-    gap = JOINT_HALF_GAP
-    inf = math.inf
-    margin = 5.0  # mm beyond each bone: its cartilage shell, fluid film and smooth-union bulge fit inside
-    shape = slab.shape
-    labels = np.zeros(shape, dtype=np.uint8)
-    tissue = np.zeros(shape, dtype=np.uint8)
-    film = np.zeros(shape, dtype=bool)  # thin layer along the articular surfaces where joint fluid collects
+    """Labels (0–9) and tissue classes at the slab's voxel centres.
 
-    # Femur: two condyles (ellipsoids), a metaphyseal block and the shaft, blended; a groove cut anteriorly.
-    zfb = gap + tf  # lowest point of both condyles, so femoral cartilage ends `gap` above the joint line
-    cz = zfb + 24 * s
-    fem_sl = slab.crop(
-        (-40 * s - margin, -38 * s - margin, zfb - margin), (40 * s + margin, 23 * s + margin, inf)
-    )
-    if fem_sl is not None:
-        m, a, u = slab.at(fem_sl)
-        d_mc = _ellipsoid(m - 20 * s, a + 8 * s, u - cz, 13 * s, 30 * s, 24 * s)
-        d_lc = _ellipsoid(m + 20 * s, a + 6 * s, u - cz, 14 * s, 29 * s, 24 * s)
-        # The metaphysis narrows toward the shaft: shrink its cross-section above the condyles (g = 1 -> 1.8).
-        g = 1.0 + 0.8 * np.clip((u - (zfb + 46 * s)) / (24 * s), 0.0, 1.0)
-        d_blk = _round_box(m * g, (a + 4 * s) * g, u - (zfb + 45 * s), (34 * s, 24 * s, 21 * s), 10 * s) / g
-        del g
-        d_shaft = np.maximum(np.sqrt(m * m + (a + 2 * s) ** 2) - 15 * s, (zfb + 40 * s) - u)
-        d_fem = _smin(_smin(_smin(d_mc, d_lc, 3.0), d_blk, 6.0), d_shaft, 8.0)
-        d_groove = np.sqrt(m * m + (a - 29 * s) ** 2) - 12 * s  # trochlear groove: the patella rides in it
-        d_fem = np.maximum(d_fem, -d_groove)
-        del d_mc, d_lc, d_blk, d_shaft, d_groove
-        # Cartilage: a shell of nominal thickness on the condyles and the trochlea.
-        notch = (np.abs(m) < 8 * s) & (a < 6 * s)  # the intercondylar notch carries no cartilage
-        condylar = (u < cz + 2 * s) & (np.abs(m) < 30 * s) & ~notch  # not on the epicondylar side walls
-        trochlear = (a > 8 * s) & (u < zfb + 48 * s) & (np.abs(m) < 26 * s)
-        fem_cart = (d_fem > 0) & (d_fem <= tf) & (condylar | trochlear)
-        del notch, condylar, trochlear
-        film[fem_sl] |= d_fem < tf + 1.0
-
-    # Tibia: plateau with a posterior slope and the intercondylar eminence, on a tapering elliptic column.
-    slope = math.tan(math.radians(7.0))  # posterior tibial slope; also keeps sheets from aligning with a grid
-
-    def tibial_top(m: F32, a: F32) -> tuple[F32, F32]:
-        """Bone surface height and local cartilage thickness (switching within the eminence)."""
-        t_tib = tl + (tm - tl) * _sigmoid(m)
-        eminence = (5 * s) * np.exp(-((m / (4.5 * s)) ** 2) - ((a + 2 * s) / (12 * s)) ** 2)
-        return -(gap + t_tib) + slope * (a + 7 * s) + eminence, t_tib
-
-    tib_sl = slab.crop((-37 * s - margin, -27 * s - margin, -inf), (39 * s + margin, 23 * s + margin, 10 * s))
-    if tib_sl is not None:
-        m, a, u = slab.at(tib_sl)
-        z_top, t_tib = tibial_top(m, a)
-        taper = 0.45 + 0.55 * _sigmoid((u + (gap + t_tib) + 30 * s) / (9 * s))
-        d_tib = np.maximum(_ellipse(m - 1 * s, a + 2 * s, 37 * s * taper, 25 * s * taper), u - z_top)
-        del taper, z_top, t_tib
-
-    # Plateau: tibial cartilage inside compartment ellipses (normalised radius q), menisci on their rims.
-    plat_sl = slab.crop((-36 * s, -27 * s, -12.0), (36 * s, 21 * s, 18.0))
-    if plat_sl is not None:
-        m, a, u = slab.at(plat_sl)
-        z_top, t_tib = tibial_top(m, a)
-        above = u - z_top  # height above the tibial bone surface
-        del z_top
-        nm_med, na_med = (m - 19 * s) / (15 * s), (a + 3 * s) / (21 * s)
-        nm_lat, na_lat = (m + 19 * s) / (14 * s), (a + 2 * s) / (17 * s)
-        q_med = np.sqrt(nm_med**2 + na_med**2)
-        q_lat = np.sqrt(nm_lat**2 + na_lat**2)
-        on_bone = above > 0
-        med_tc = on_bone & (above <= tm) & (q_med < 0.95)
-        lat_tc = on_bone & (above <= tl) & (q_lat < 0.95)
-
-        # Menisci: a wedge (height rising from 0 at the inner edge to the rim), C-shaped: open toward the
-        # eminence, wider open medially (C) than laterally (nearly O).
-        def meniscus(q: F32, cos_in: F32, t: float, half_open_deg: float) -> Mask:
-            height = (6 * s) * np.clip((q - 0.5) / 0.5, 0.0, 1.0)
-            ring = (q >= 0.5) & (q <= 1.0) & (cos_in < math.cos(math.radians(half_open_deg)))
-            return ring & on_bone & (above <= t + height)
-
-        med_men = meniscus(q_med, -nm_med / np.maximum(q_med, 1e-6), tm, 40.0)
-        lat_men = meniscus(q_lat, nm_lat / np.maximum(q_lat, 1e-6), tl, 25.0)
-        film[plat_sl] |= on_bone & (above < t_tib + 1.5) & ((q_med < 1.05) | (q_lat < 1.05))
-        del above, q_med, q_lat, nm_med, na_med, nm_lat, na_lat, on_bone, t_tib
-
-    # Patella: in front of the trochlea, its cartilage facing it across a thin fluid film.
-    a_pat = 20 * s + tf + 2 * gap + tp + 10 * s
-    u_pat = zfb + 38 * s
-    pat_sl = slab.box((-3 * s, a_pat, u_pat), (21 * s + margin, 10 * s + margin, 22 * s + margin))
-    if pat_sl is not None:
-        m, a, u = slab.at(pat_sl)
-        d_pat = _ellipsoid(m + 3 * s, a - a_pat, u - u_pat, 21 * s, 10 * s, 22 * s)
-        pat_cart = (d_pat > 0) & (d_pat <= tp) & (a < a_pat - 2 * s) & (np.abs(u - u_pat) < 17 * s)
-        film[pat_sl] |= d_pat < tp + 1.0
-
-    # Labels, later assignments winning: bone over cartilage over menisci.
-    def put(sl: tuple[slice, ...] | None, mask_name: str, value: int) -> None:
+    The bones and their cartilage (:func:`_femur`, :func:`_tibia`, :func:`_plateau`, :func:`_patella`) give
+    the labels; the soft tissue around them (:func:`_soft_tissue`) and the bones' own classes
+    (:func:`_bone_and_cartilage_classes`) give the tissue classes.
+    """
+    d = _Layout.of(knee)
+    film = np.zeros(
+        slab.shape, dtype=bool
+    )  # thin layer along the articular surfaces where joint fluid collects
+    parts = {
+        "femur": _femur(slab, d, film),
+        "tibia": _tibia(slab, d),
+        "plateau": _plateau(slab, d, film),
+        "patella": _patella(slab, d, film),
+    }
+    labels = np.zeros(slab.shape, dtype=np.uint8)
+    for part, name, value in _LABEL_ORDER:
+        sl, masks = parts[part]
         if sl is not None:
             view = labels[sl]
-            view[masks[mask_name]] = value
+            view[masks[name]] = value
+    tissue = _soft_tissue(slab, d, labels, film)
+    del film
+    _bone_and_cartilage_classes(tissue, labels, parts)
+    return labels, tissue
 
-    masks: dict[str, Mask] = {}
-    if plat_sl is not None:
-        masks.update(lat_men=lat_men, med_men=med_men, lat_tc=lat_tc, med_tc=med_tc)
-    if pat_sl is not None:
-        masks.update(pat_cart=pat_cart, pat=d_pat <= 0, pat_inner=d_pat > -1.0)
-    if fem_sl is not None:
-        masks.update(fem_cart=fem_cart, fem=d_fem <= 0, fem_inner=d_fem > -1.0)
-    if tib_sl is not None:
-        masks.update(tib=d_tib <= 0, tib_inner=d_tib > -1.0)
-    for sl, name, value in (
-        (plat_sl, "lat_men", 9),
-        (plat_sl, "med_men", 8),
-        (pat_sl, "pat_cart", 7),
-        (plat_sl, "lat_tc", 6),
-        (plat_sl, "med_tc", 5),
-        (fem_sl, "fem_cart", 4),
-        (pat_sl, "pat", 3),
-        (tib_sl, "tib", 2),
-        (fem_sl, "fem", 1),
-    ):
-        put(sl, name, value)
 
-    # Soft tissue (no labels): leg outline with subcutaneous fat, muscle, fat pads, tendons, joint fluid.
-    leg_sl = slab.box((0.0, -2 * s, 0.0), (60 * s, 64 * s, inf))
+def _femur(slab: _Slab, d: _Layout, film: Mask) -> _Part:
+    """Two condyles (ellipsoids), a metaphyseal block and the shaft, blended; a groove cut anteriorly."""
+    s, tf, zfb, cz, margin = d.s, d.tf, d.zfb, d.cz, d.margin
+    fem_sl = slab.crop(
+        (-40 * s - margin, -38 * s - margin, zfb - margin), (40 * s + margin, 23 * s + margin, math.inf)
+    )
+    if fem_sl is None:
+        return None, {}
+    m, a, u = slab.at(fem_sl)
+    d_mc = _ellipsoid(m - 20 * s, a + 8 * s, u - cz, 13 * s, 30 * s, 24 * s)
+    d_lc = _ellipsoid(m + 20 * s, a + 6 * s, u - cz, 14 * s, 29 * s, 24 * s)
+    # The metaphysis narrows toward the shaft: shrink its cross-section above the condyles (g = 1 -> 1.8).
+    g = 1.0 + 0.8 * np.clip((u - (zfb + 46 * s)) / (24 * s), 0.0, 1.0)
+    d_blk = _round_box(m * g, (a + 4 * s) * g, u - (zfb + 45 * s), (34 * s, 24 * s, 21 * s), 10 * s) / g
+    del g
+    d_shaft = np.maximum(np.sqrt(m * m + (a + 2 * s) ** 2) - 15 * s, (zfb + 40 * s) - u)
+    d_fem = _smin(_smin(_smin(d_mc, d_lc, 3.0), d_blk, 6.0), d_shaft, 8.0)
+    d_groove = np.sqrt(m * m + (a - 29 * s) ** 2) - 12 * s  # trochlear groove: the patella rides in it
+    d_fem = np.maximum(d_fem, -d_groove)
+    del d_mc, d_lc, d_blk, d_shaft, d_groove
+    # Cartilage: a shell of nominal thickness on the condyles and the trochlea.
+    notch = (np.abs(m) < 8 * s) & (a < 6 * s)  # the intercondylar notch carries no cartilage
+    condylar = (u < cz + 2 * s) & (np.abs(m) < 30 * s) & ~notch  # not on the epicondylar side walls
+    trochlear = (a > 8 * s) & (u < zfb + 48 * s) & (np.abs(m) < 26 * s)
+    fem_cart = (d_fem > 0) & (d_fem <= tf) & (condylar | trochlear)
+    del notch, condylar, trochlear
+    film[fem_sl] |= d_fem < tf + 1.0
+    return fem_sl, {"fem_cart": fem_cart, "fem": d_fem <= 0, "fem_inner": d_fem > -1.0}
+
+
+# Posterior tibial slope; also keeps sheets from aligning with a grid.
+_TIBIAL_SLOPE = math.tan(math.radians(7.0))
+
+
+def _tibial_top(m: F32, a: F32, d: _Layout) -> tuple[F32, F32]:
+    """Tibial bone surface height and local cartilage thickness (switching within the eminence)."""
+    s = d.s
+    t_tib = d.tl + (d.tm - d.tl) * _sigmoid(m)
+    eminence = (5 * s) * np.exp(-((m / (4.5 * s)) ** 2) - ((a + 2 * s) / (12 * s)) ** 2)
+    return -(d.gap + t_tib) + _TIBIAL_SLOPE * (a + 7 * s) + eminence, t_tib
+
+
+def _tibia(slab: _Slab, d: _Layout) -> _Part:
+    """Plateau with a posterior slope and the intercondylar eminence, on a tapering elliptic column."""
+    s, margin = d.s, d.margin
+    tib_sl = slab.crop(
+        (-37 * s - margin, -27 * s - margin, -math.inf), (39 * s + margin, 23 * s + margin, 10 * s)
+    )
+    if tib_sl is None:
+        return None, {}
+    m, a, u = slab.at(tib_sl)
+    z_top, t_tib = _tibial_top(m, a, d)
+    taper = 0.45 + 0.55 * _sigmoid((u + (d.gap + t_tib) + 30 * s) / (9 * s))
+    d_tib = np.maximum(_ellipse(m - 1 * s, a + 2 * s, 37 * s * taper, 25 * s * taper), u - z_top)
+    return tib_sl, {"tib": d_tib <= 0, "tib_inner": d_tib > -1.0}
+
+
+def _plateau(slab: _Slab, d: _Layout, film: Mask) -> _Part:
+    """Tibial cartilage inside compartment ellipses (normalised radius q), menisci on their rims."""
+    s, tm, tl = d.s, d.tm, d.tl
+    plat_sl = slab.crop((-36 * s, -27 * s, -12.0), (36 * s, 21 * s, 18.0))
+    if plat_sl is None:
+        return None, {}
+    m, a, u = slab.at(plat_sl)
+    z_top, t_tib = _tibial_top(m, a, d)
+    above = u - z_top  # height above the tibial bone surface
+    del z_top
+    nm_med, na_med = (m - 19 * s) / (15 * s), (a + 3 * s) / (21 * s)
+    nm_lat, na_lat = (m + 19 * s) / (14 * s), (a + 2 * s) / (17 * s)
+    q_med = np.sqrt(nm_med**2 + na_med**2)
+    q_lat = np.sqrt(nm_lat**2 + na_lat**2)
+    on_bone = above > 0
+    med_tc = on_bone & (above <= tm) & (q_med < 0.95)
+    lat_tc = on_bone & (above <= tl) & (q_lat < 0.95)
+
+    # Menisci: a wedge (height rising from 0 at the inner edge to the rim), C-shaped: open toward the
+    # eminence, wider open medially (C) than laterally (nearly O).
+    def meniscus(q: F32, cos_in: F32, t: float, half_open_deg: float) -> Mask:
+        height = (6 * s) * np.clip((q - 0.5) / 0.5, 0.0, 1.0)
+        ring = (q >= 0.5) & (q <= 1.0) & (cos_in < math.cos(math.radians(half_open_deg)))
+        return ring & on_bone & (above <= t + height)
+
+    med_men = meniscus(q_med, -nm_med / np.maximum(q_med, 1e-6), tm, 40.0)
+    lat_men = meniscus(q_lat, nm_lat / np.maximum(q_lat, 1e-6), tl, 25.0)
+    film[plat_sl] |= on_bone & (above < t_tib + 1.5) & ((q_med < 1.05) | (q_lat < 1.05))
+    return plat_sl, {"lat_men": lat_men, "med_men": med_men, "lat_tc": lat_tc, "med_tc": med_tc}
+
+
+def _patella(slab: _Slab, d: _Layout, film: Mask) -> _Part:
+    """In front of the trochlea, its cartilage facing it across a thin fluid film."""
+    s, tp, margin, a_pat, u_pat = d.s, d.tp, d.margin, d.a_pat, d.u_pat
+    pat_sl = slab.box((-3 * s, a_pat, u_pat), (21 * s + margin, 10 * s + margin, 22 * s + margin))
+    if pat_sl is None:
+        return None, {}
+    m, a, u = slab.at(pat_sl)
+    d_pat = _ellipsoid(m + 3 * s, a - a_pat, u - u_pat, 21 * s, 10 * s, 22 * s)
+    pat_cart = (d_pat > 0) & (d_pat <= tp) & (a < a_pat - 2 * s) & (np.abs(u - u_pat) < 17 * s)
+    film[pat_sl] |= d_pat < tp + 1.0
+    return pat_sl, {"pat_cart": pat_cart, "pat": d_pat <= 0, "pat_inner": d_pat > -1.0}
+
+
+def _soft_tissue(slab: _Slab, d: _Layout, labels: NDArray[np.uint8], film: Mask) -> NDArray[np.uint8]:
+    """Tissue classes outside the labels: leg outline with subcutaneous fat, muscle, fat pads, tendons, joint
+    fluid (the *film* inside the joint capsule, plus the suprapatellar recess)."""
+    s, zfb, a_pat, u_pat = d.s, d.zfb, d.a_pat, d.u_pat
+    tissue = np.zeros(slab.shape, dtype=np.uint8)
+    leg_sl = slab.box((0.0, -2 * s, 0.0), (60 * s, 64 * s, math.inf))
     if leg_sl is not None:
         m, a, _ = slab.at(leg_sl)
         d_leg = _ellipse(m, a + 2 * s, 60 * s, 64 * s)
@@ -445,23 +509,26 @@ def _evaluate(slab: _Slab, knee: KneeParams) -> tuple[NDArray[np.uint8], NDArray
         ((7 * s, -2 * s, zfb + 18 * s), (1 * s, -24 * s, -8 * s), 4 * s),
     ):
         _fill_segment(slab, tissue, Tissue.TENDON, p0, p1, radius)
-    # Fluid: the film inside the joint capsule, plus the suprapatellar recess.
-    fluid = np.zeros(shape, dtype=np.uint8)
+    fluid = np.zeros(slab.shape, dtype=np.uint8)
     _fill_ellipsoid(slab, fluid, 1, (0.0, 2 * s, 20 * s), (46 * s, 42 * s, 48 * s))  # capsule
     fluid &= film.view(np.uint8)
     _fill_ellipsoid(slab, fluid, 1, (0.0, 17 * s, zfb + 72 * s), (22 * s, 3 * s, 15 * s))  # recess
     tissue[(fluid > 0) & (labels == 0) & (tissue != Tissue.TENDON)] = Tissue.FLUID
-    del fluid, film
+    return tissue
 
+
+def _bone_and_cartilage_classes(
+    tissue: NDArray[np.uint8], labels: NDArray[np.uint8], parts: dict[str, _Part]
+) -> None:
+    """Marrow inside the bones with a dark cortex, cartilage and menisci: the labelled voxels' classes."""
     tissue[(labels >= 1) & (labels <= 3)] = Tissue.MARROW
-    # Cortex/subchondral plate: the outer millimetre of each bone is dark on MR.
-    for sl, value, inner in ((fem_sl, 1, "fem_inner"), (tib_sl, 2, "tib_inner"), (pat_sl, 3, "pat_inner")):
+    for part, value, inner in _CORTEX:
+        sl, masks = parts[part]
         if sl is not None:
             view = tissue[sl]
             view[(labels[sl] == value) & masks[inner]] = Tissue.CORTEX
     tissue[(labels >= 4) & (labels <= 7)] = Tissue.CARTILAGE
     tissue[labels >= 8] = Tissue.MENISCUS
-    return labels, tissue
 
 
 def _local_axes(grid: Grid, knee: KneeParams) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
