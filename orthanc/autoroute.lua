@@ -43,6 +43,7 @@ end
 function OnStableSeries(seriesId, tags, metadata)
   local modality = tags['Modality']
   if not FORWARDED_MODALITIES[modality] then
+    print('OpenMSK: not forwarding stable ' .. tostring(modality) .. ' series ' .. seriesId)
     return
   end
   if SentByNode(seriesId) then

@@ -8,10 +8,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import requests
 
 from openmsk.config import Settings
+
+T = TypeVar("T")
 
 
 def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -33,17 +36,27 @@ def openmsk(command: str, env: dict[str, str], log: Path) -> subprocess.Popen:
         )
 
 
-def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> float:
-    """Poll ``check`` until true; return the seconds it took, fail the test on timeout."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
+def wait_for(
+    check: Callable[[], T], timeout_s: float = 30.0, what: str = "condition", interval_s: float = 0.05
+) -> T:
+    """Poll ``check`` until it returns something true and return that; fail the test on timeout.
+
+    The one waiting helper of the tests: a peer that is not up yet (connection refused) counts as "not yet".
+    """
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while True:
         try:
-            if check():
-                return time.monotonic() - start
-        except (requests.RequestException, OSError):
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{what} not reached within {timeout_s} s")
+            value = check()
+        except (requests.RequestException, OSError) as exc:
+            last_error = exc
+        else:
+            if value:
+                return value
+        if time.monotonic() >= deadline:
+            detail = f" (last error: {type(last_error).__name__}: {last_error})" if last_error else ""
+            raise AssertionError(f"{what} not reached within {timeout_s} s{detail}")
+        time.sleep(interval_s)
 
 
 def health(port: int) -> tuple[int, dict]:

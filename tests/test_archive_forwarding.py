@@ -233,3 +233,32 @@ def _find_sop(orthanc: ManagedOrthanc, sop_uid: str) -> bool:
     )
     answer.raise_for_status()
     return bool(answer.json())
+
+
+def test_orthanc_does_not_route_back_what_the_node_archived(
+    settings: Settings, tmp_path: Path, redis_client: object
+) -> None:
+    """Orthanc with the shipped auto-routing: the series the node archived there is not sent back to it."""
+    from openmsk.config import REPO_DIR
+
+    files = phantom_files(tmp_path, 4206)
+    scp_port = free_port()
+    orthanc = ManagedOrthanc(
+        data_dir=tmp_path / "orthanc", http_port=free_port(), dicom_port=free_port(),
+        user=ORTHANC_USER, password=ORTHANC_PASSWORD,
+        modalities={"openmsk": (settings.scp_ae_title, "127.0.0.1", scp_port)},
+        lua_scripts=[REPO_DIR / "orthanc" / "autoroute.lua"], extra={"StableAge": 1},
+    )  # fmt: skip
+    configured = with_orthanc(settings, orthanc, scp_port=scp_port)
+    states = ForwardStates(redis_client)  # type: ignore[arg-type]
+    with orthanc, StorageSCP(configured) as scp:
+        storescu(files, scp.port, configured.scp_ae_title)
+        wait_for(lambda: scp.completed, 30, "series complete")
+        uid = scp.completed[0].series.series_uid
+        wait_for(
+            lambda: "orthanc" in states.get(uid) and states.get(uid)["orthanc"].status == "done", 30, "sent"
+        )
+        log = orthanc.data_dir / "orthanc.log"
+        wait_for(lambda: "; not sent back" in log.read_text(), 30, "Orthanc's auto-routing decision")
+        assert "forwarding stable MR series" not in log.read_text()
+        assert len(scp.completed) == 1 and scp.tracker.pending() == []

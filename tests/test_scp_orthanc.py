@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -16,6 +15,7 @@ from openmsk.managed.orthanc import ORTHANC_DIR, ManagedOrthanc
 from openmsk.managed.process import free_port
 from scp.server import StorageSCP
 from tests.mr_series import write_mr_series
+from tests.processes import wait_for
 
 
 @pytest.fixture
@@ -23,16 +23,6 @@ def scp(settings: Settings) -> Iterator[StorageSCP]:
     values = {"series_quiet_s": 0.3, "series_timeout_s": 5.0, "min_free_disk_mb": 0}
     with StorageSCP(settings.model_copy(update=values)) as running:
         yield running
-
-
-def wait_for(check: Callable[[], object], timeout_s: float = 30.0, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def upload(orthanc: ManagedOrthanc, paths: list[Path]) -> str:
@@ -104,6 +94,8 @@ def test_orthanc_autoroutes_stable_mr_series_only(
         [job] = wait_for(lambda: queued_jobs(settings.redis_url or "", 1), what="the auto-routed job")  # type: ignore[misc]
         assert job.series_uid == pydicom.dcmread(mr[0], stop_before_pixels=True).SeriesInstanceUID
         assert len(job.sop_uids) == 24 and job.calling_ae == orthanc.aet
-        time.sleep(1.5)  # the CT series is stable by now too: it must not have been sent
+        # The auto-routing decided about the CT series too (its log line) and did not send it.
         ct_series = pydicom.dcmread(ct[0], stop_before_pixels=True).SeriesInstanceUID
+        log = orthanc.data_dir / "orthanc.log"
+        wait_for(lambda: "not forwarding stable CT series" in log.read_text(), what="the CT decision")
         assert not list((settings.data_path / "incoming").glob(f"*/{ct_series}"))
