@@ -62,8 +62,15 @@ class Settings(BaseSettings):
     orthanc_http_port: Port = Field(
         8042, description="a TCP port (1-65535) for the managed Orthanc's HTTP API"
     )
-    orthanc_dicom_port: Port = Field(4242, description="a TCP port (1-65535) for the managed Orthanc's DICOM")
-    orthanc_aet: str = Field("ORTHANC", description="the managed Orthanc's AE title (1-16 characters)")
+    orthanc_dicom_port: Port = Field(
+        4242,
+        description="a TCP port (1-65535): Orthanc's DICOM port (the managed one listens there; the SCP "
+        "archives received images there)",
+    )
+    orthanc_aet: str = Field(
+        "ORTHANC",
+        description="Orthanc's AE title (1-16 characters): the managed one's; series from it are not archived back",
+    )
     scp_ae_title: str = Field("OPENMSK", description="the node's AE title (1-16 characters, no backslash)")
     scp_host: str = Field("0.0.0.0", description="the address the DICOM SCP listens on")
     scp_port: Port = Field(11112, description="a TCP port (1-65535) for the DICOM SCP")
