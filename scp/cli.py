@@ -38,8 +38,8 @@ def run_scp(args: argparse.Namespace) -> int:
     from scp.server import run_forever
 
     settings = load_settings()
-    check_start(settings)  # a rule naming a destination that does not exist: one line, exit 2
-    return run_forever(settings)
+    rules = check_start(settings)  # a rule naming a destination that does not exist: one line, exit 2
+    return run_forever(settings, rules)
 
 
 def check_start(settings: Settings) -> RoutingRules:

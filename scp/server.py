@@ -449,11 +449,11 @@ def load_rules(settings: Settings) -> RoutingRules:
         raise ConfigError(f"{env_name('routing_rules')}: {exc}") from None
 
 
-def run_forever(settings: Settings) -> int:
+def run_forever(settings: Settings, rules: RoutingRules | None = None) -> int:
     """``openmsk scp``: run until SIGTERM/SIGINT, then stop cleanly. Returns the exit code."""
     import signal
 
-    scp = StorageSCP(settings)
+    scp = StorageSCP(settings, rules)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
