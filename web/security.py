@@ -10,6 +10,7 @@ Rate limits count in Redis (fixed one-minute windows), so every web process of a
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import redis
 from flask import Flask, Response, request
@@ -48,9 +49,19 @@ def register_security_headers(app: Flask, *, hsts: bool) -> None:
         return response
 
 
-def check_rate(client: redis.Redis, action: str, who: str, limit: int, window_s: int = 60) -> None:
-    """Count one ``action`` by ``who``; raise HTTP 429 (with ``Retry-After``) past ``limit`` per window."""
-    now = int(time.time())
+def check_rate(
+    client: redis.Redis,
+    action: str,
+    who: str,
+    limit: int,
+    window_s: int = 60,
+    clock: Callable[[], float] = time.time,
+) -> None:
+    """Count one ``action`` by ``who``; raise HTTP 429 (with ``Retry-After``) past ``limit`` per window.
+
+    Fixed windows of ``window_s`` seconds on ``clock`` (wall time; tests pass their own).
+    """
+    now = int(clock())
     window = now // window_s
     key = f"{RATE_PREFIX}{action}:{who}:{window}"
     with client.pipeline() as pipe:
