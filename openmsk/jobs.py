@@ -64,6 +64,7 @@ class ErrorCode(StrEnum):
     ANALYSIS_FAILED = "ANALYSIS_FAILED"
     DELIVERY_FAILED = "DELIVERY_FAILED"
     ARCHIVE_FAILED = "ARCHIVE_FAILED"
+    INPUT_MISSING = "INPUT_MISSING"
     CONFIG_ERROR = "CONFIG_ERROR"
     PIPELINE_ERROR = "PIPELINE_ERROR"
 
@@ -160,6 +161,9 @@ class Job(BaseModel):
     worker: str | None = Field(None, description="id of the worker that ran the latest attempt")
     error: JobError | None = None
     files: list[str] = Field(default_factory=list)
+    input_via: Literal["", "local", "object-store"] = Field(
+        "", description="how the worker got the input: on its own disk, or fetched from the object store"
+    )
     results: list[ResultInstance] = Field(
         default_factory=list, description="the DICOM results to deliver, recorded when the pipeline ends"
     )

@@ -9,9 +9,10 @@ Around every message of the node's actors (:data:`JOB_ACTORS`) :class:`JobBookke
   code — a :class:`~worker.errors.JobFailure`'s own, TIMEOUT for the time limit, PIPELINE_ERROR or
   DELIVERY_FAILED for anything unexpected — and otherwise puts a segmentation job back to QUEUED for its retry.
 
-``Retry`` raised by an actor means "not finished, come back later" (a delivery waiting for its images or
-backing off): the job keeps its state. Whether an error is retried is the actors' ``retry_when`` option
-(:func:`retry_segmentation`), so permanent failures never wait out a backoff.
+``Retry`` raised by an actor means "not finished, come back later": a delivery waiting for its images or
+backing off keeps its state; a segmentation waiting for its input (the object store is down) is QUEUED
+again. Whether an error is retried is the actors' ``retry_when`` option (:func:`retry_segmentation`), so
+permanent failures never wait out a backoff.
 """
 
 from __future__ import annotations
@@ -116,10 +117,14 @@ class JobBookkeeping(dramatiq.Middleware):
         result: Any = None,
         exception: BaseException | None = None,
     ) -> None:
-        if message.actor_name not in JOB_ACTORS or exception is None or isinstance(exception, dramatiq.Retry):
+        if message.actor_name not in JOB_ACTORS or exception is None:
             return
         job_id = message.args[0]
         jobs = self.store()
+        if isinstance(exception, dramatiq.Retry):
+            if message.actor_name in SEGMENT_ACTORS:  # waiting for its input (object store down): queued again
+                jobs.transition(job_id, JobState.QUEUED)
+            return
         if message.failed:
             failure = as_failure(exception, message.actor_name)
             jobs.fail(job_id, failure.code, failure.message, failure.hint)
