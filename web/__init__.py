@@ -3,10 +3,10 @@
 Blueprints, one responsibility each: ``health`` (``/health``) and ``metrics`` (``/metrics``), open to
 monitoring; ``api`` (``/api/...``, JSON, bearer token or session) and ``pages`` (HTML, signed-in session);
 ``to_viewer`` sends ``/viewer?...`` on to the OHIF viewer, which ``web.viewer`` serves on its own port.
-Cross-cutting pieces live in their own modules: ``auth`` (tokens, sign-in, CSRF), ``security`` (headers, rate
-limits), ``errors`` (JSON or a page for every error, never a traceback), ``upload`` (streaming and
-validation), ``stats`` and ``jobview`` (what a job and the queue look like), ``retention`` (periodic cleanup,
-run by the server).
+Cross-cutting pieces live in their own modules: ``context`` (the app's settings, job store, Redis, broker,
+for every request), ``auth`` (tokens, sign-in, CSRF), ``security`` (headers, rate limits), ``errors`` (JSON or
+a page for every error, never a traceback), ``upload`` (receive, inspect, submit), ``stats`` and ``jobview``
+(what a job and the queue look like), ``retention`` (periodic cleanup, run by the server).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import redis
 from flask import Flask
 
+import web.context as context
 from openmsk.config import Settings, load_settings
 from openmsk.jobs import JobStore
 from openmsk.queue import make_broker
@@ -36,14 +37,16 @@ def create_app(settings: Settings | None = None) -> Flask:
             "OPENMSK_REDIS_URL must be set for `openmsk web` (`openmsk up` manages Redis itself)"
         )
     app = Flask(__name__)
-    app.config.update(OPENMSK_SETTINGS=settings, DEBUG=False, PROPAGATE_EXCEPTIONS=False)
+    app.config.update({context.SETTINGS: settings, "DEBUG": False, "PROPAGATE_EXCEPTIONS": False})
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
     store = JobStore(client)
     app.extensions.update(
-        openmsk_redis=client,
-        openmsk_store=store,
-        openmsk_broker=make_broker(settings.redis_url),
-        openmsk_durations=RecentDurations(store),
+        {
+            context.REDIS: client,
+            context.STORE: store,
+            context.BROKER: make_broker(settings.redis_url),
+            context.DURATIONS: RecentDurations(store),
+        }
     )
     init_auth(app, settings)
     register_security_headers(app, hsts=settings.web_secure_cookies)

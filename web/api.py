@@ -6,26 +6,24 @@ Every route needs a bearer token or the pages' signed-in session (:func:`web.aut
 from __future__ import annotations
 
 import zipfile
-from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request, send_file, url_for
+from flask import Blueprint, Response, jsonify, request, send_file, url_for
 from flask.typing import ResponseReturnValue
 
+import web.jobview as jobview
 from openmsk.atomic import atomic_file
-from openmsk.config import Settings
-from openmsk.heartbeat import live_workers
-from openmsk.jobs import Job, JobNotFound, JobState, JobStore
-from web import jobview, upload
+from openmsk.jobs import JobState
 from web.auth import authenticate_api, client_key
+from web.context import broker, durations, settings, store
 from web.errors import RequestError
+from web.jobview import MAX_PER_PAGE, PER_PAGE, job_detail, job_page, load_job, parse_page, parse_state
 from web.security import check_rate
-from web.stats import RecentDurations, eta_seconds, node_stats, queue_position
+from web.stats import node_stats
+from web.upload import offered_models, submit
 
 api = Blueprint("api", __name__, url_prefix="/api")
 api.before_request(authenticate_api)
 
-PER_PAGE = 20
-MAX_PER_PAGE = 100
 MIME_TYPES = {
     ".dcm": "application/dicom",
     ".gz": "application/gzip",
@@ -36,80 +34,11 @@ MIME_TYPES = {
 INLINE = {"preview.png"}  # shown in the job page; everything else downloads
 
 
-def settings() -> Settings:
-    return current_app.config["OPENMSK_SETTINGS"]
-
-
-def store() -> JobStore:
-    return current_app.extensions["openmsk_store"]
-
-
-def durations() -> RecentDurations:
-    return current_app.extensions["openmsk_durations"]
-
-
-def load_job(job_id: str) -> Job:
-    """The job, or a 404 (ids are 32 hex digits; anything else cannot name a job)."""
-    if len(job_id) != 32 or not all(c in "0123456789abcdef" for c in job_id):
-        raise RequestError(404, "JOB_NOT_FOUND", "There is no such job.", "Check the job id.")
-    try:
-        return store().get(job_id)
-    except JobNotFound:
-        raise RequestError(404, "JOB_NOT_FOUND", "There is no such job.", "Check the job id.") from None
-
-
-def job_detail(job: Job) -> dict[str, Any]:
-    """The full view of a job, with its queue position and ETA (shared by the API and the job page)."""
-    position = queue_position(store(), job)
-    workers = running = 0
-    if position is not None:  # only a waiting job's ETA depends on the jobs ahead and the workers
-        running = store().count(JobState.RUNNING) + store().count(JobState.DELIVERING)
-        workers = len(live_workers(store().redis, settings().worker_stale_s))
-    eta = eta_seconds(job, position, durations().means().get(job.model), workers, running)
-    return jobview.detail(job, settings(), queue_position=position, eta_s=eta)
-
-
-def parse_state(value: str | None) -> JobState | None:
-    if not value:
-        return None
-    try:
-        return JobState(value)
-    except ValueError:
-        states = ", ".join(s.value for s in JobState)
-        raise RequestError(
-            400, "BAD_STATE", f"{value!r} is not a job state.", f"Use one of: {states}."
-        ) from None
-
-
-def parse_page(name: str, default: int, maximum: int | None = None) -> int:
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    if not raw.isdigit() or int(raw) < 1 or (maximum is not None and int(raw) > maximum):
-        limit = f" and at most {maximum}" if maximum else ""
-        raise RequestError(400, "BAD_PAGE", f"{name} must be a whole number from 1{limit}.")
-    return int(raw)
-
-
-def job_page(state: JobState | None, page: int, per_page: int) -> dict[str, Any]:
-    """One page of jobs, newest first (shared by the API and the jobs page)."""
-    total = store().count(state)
-    jobs = store().list(state, (page - 1) * per_page, per_page)
-    return {
-        "jobs": [jobview.summary(job) for job in jobs],
-        "state": state.value if state else None,
-        "page": page,
-        "per_page": per_page,
-        "total": total,
-        "pages": max(1, -(-total // per_page)),
-    }
-
-
 @api.post("/jobs")
 def create_job() -> ResponseReturnValue:
     """Multipart upload (field ``file``, optional ``model`` and ``series_uid``) → 202 with the job's id."""
     check_rate(store().redis, "upload", client_key(), settings().upload_rate_limit)
-    job = upload.submit(request.environ, settings(), store(), current_app.extensions["openmsk_broker"])
+    job = submit(request.environ, settings(), store(), broker())
     status_url = url_for("api.get_job", job_id=job.id)
     body = {"id": job.id, "status_url": status_url, "page_url": url_for("pages.job", job_id=job.id)}
     return jsonify(body), 202, {"Location": status_url}
@@ -178,7 +107,7 @@ def results_zip(job_id: str) -> Response:
 @api.get("/models")
 def list_models() -> ResponseReturnValue:
     """The offered models: name, kind, version, description, default (exactly one marked), status."""
-    return jsonify({"models": upload.offered_models(settings())})
+    return jsonify({"models": offered_models(settings())})
 
 
 @api.get("/stats")

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, jsonify
 from flask.typing import ResponseReturnValue
 
 from openmsk.health import check_health
+from web.context import redis_client, settings
 
 health = Blueprint("health", __name__)
 
 
 @health.get("/health")
 def get_health() -> ResponseReturnValue:
-    report = check_health(current_app.config["OPENMSK_SETTINGS"], current_app.extensions["openmsk_redis"])
+    report = check_health(settings(), redis_client())
     return jsonify(report), 200 if report["status"] == "healthy" else 503

@@ -2,6 +2,9 @@
 
 Files are exposed by their base names only (``seg.dcm``, ``report.json``...); a name resolves to a path only
 through the job's own ``files`` list, so a URL can never reach anything else under ``DATA_DIR``.
+
+The source images' way to the archive (``job.archive``) is read from the forwarder's state in Redis
+(:class:`openmsk.forwarding.ForwardStates`); the web only shows it.
 """
 
 from __future__ import annotations
@@ -11,12 +14,17 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from flask import url_for
+from flask import request, url_for
 
+import web.context as context
 from openmsk.config import Settings
-from openmsk.jobs import STAGES, Job, JobState
+from openmsk.forwarding import ForwardState, instances_digest
+from openmsk.heartbeat import live_workers
+from openmsk.jobs import STAGES, Delivery, Job, JobNotFound, JobState
 from openmsk.labels import TISSUES
+from web.errors import RequestError
 from web.retention import expires_at
+from web.stats import eta_seconds, queue_position
 
 REPORT_MAX_BYTES = 2 * 1024 * 1024
 # Downloads the job page offers, in this order, with their labels.
@@ -27,6 +35,8 @@ DOWNLOADS = (
     ("report.csv", "Report (CSV)"),
     ("report.json", "Report (JSON)"),
 )
+PER_PAGE = 20
+MAX_PER_PAGE = 100
 
 
 def output_files(job: Job, settings: Settings) -> dict[str, Path]:
@@ -89,11 +99,69 @@ def summary(job: Job) -> dict[str, Any]:
     }
 
 
+def archive_states(job: Job, found: dict[str, ForwardState]) -> dict[str, ForwardState]:
+    """The state of the job's images at each of its archive destinations.
+
+    ``found`` is the forwarder's record for the series; a state about another set of instances (an earlier
+    or later send of the same series) or none yet reads as pending.
+    """
+    digest = instances_digest(job.sop_uids) if job.sop_uids else ""
+    total = len(set(job.sop_uids))
+    states = {}
+    for name in job.archive:
+        state = found.get(name)
+        if state is None or (digest and state.digest and state.digest != digest):
+            state = ForwardState(digest=digest, total=total)
+        states[name] = state
+    return states
+
+
+def archive_line(name: str, state: ForwardState, now: float | None = None) -> str:
+    """One line about the images' way to ``name``, as the job page shows it."""
+    now = time.time() if now is None else now
+    what = f"Images to {name}: "
+    if state.status == "done":
+        return what + "archived"
+    if state.status == "skipped":
+        return what + "already there"
+    if state.status == "pending":
+        if state.sent or state.attempts:
+            return what + f"{state.sent}/{state.total} sent"
+        return what + f"waiting to be sent ({state.total} image{'s' if state.total != 1 else ''})"
+    parts = [f"attempt {state.attempts}"] if state.attempts else []
+    if state.next_attempt_at is not None:
+        parts.append(f"next in {max(0, round(state.next_attempt_at - now))} s")
+    if state.sent:
+        parts.append(f"{state.sent}/{state.total} sent")
+    status = "retrying" if state.status == "retrying" else "failed, still retried"
+    line = what + status + (f" ({', '.join(parts)})" if parts else "")
+    return line + (f": {state.last_error}" if state.last_error else "")
+
+
+def delivery_line(name: str, delivery: Delivery) -> str:
+    """One line about the results' delivery to ``name``."""
+    what = f"Results to {name}: "
+    if delivery.status == "done":
+        return what + "delivered"
+    if delivery.status == "waiting":
+        return what + f"waiting for the images to reach {name}"
+    if delivery.status == "pending":
+        return what + "pending"
+    line = what + (f"retrying (attempt {delivery.attempts})" if delivery.status == "retrying" else "failed")
+    return line + (f": {delivery.last_error}" if delivery.last_error else "")
+
+
 def detail(
-    job: Job, settings: Settings, *, queue_position: int | None, eta_s: float | None
+    job: Job,
+    settings: Settings,
+    *,
+    queue_position: int | None,
+    eta_s: float | None,
+    archive: dict[str, ForwardState] | None = None,
 ) -> dict[str, Any]:
-    """Everything ``GET /api/jobs/<id>`` answers."""
+    """Everything ``GET /api/jobs/<id>`` answers (``archive``: see :func:`archive_states`)."""
     files = file_rows(job, settings)
+    now = time.time()
     return {
         **summary(job),
         "stages": stage_rows(job),
@@ -104,7 +172,13 @@ def detail(
         "results_url": url_for("api.results_zip", job_id=job.id)
         if job.state is JobState.DONE and files
         else None,
-        "deliveries": {name: d.model_dump() for name, d in job.deliveries.items()},
+        "deliveries": {
+            name: {**d.model_dump(), "summary": delivery_line(name, d)} for name, d in job.deliveries.items()
+        },
+        "archive": {
+            name: {**state.model_dump(), "summary": archive_line(name, state, now)}
+            for name, state in (archive or {}).items()
+        },
         "expires_at": expires_at(job, settings),
         "attempts": job.attempts,
     }
@@ -150,3 +224,66 @@ def measurement_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
     return sorted(rows, key=lambda row: row["label"] if isinstance(row["label"], int) else 999)
+
+
+# ------------------------------------------------------------------------- views of the app's job store
+
+
+def load_job(job_id: str) -> Job:
+    """The job, or a 404 (ids are 32 hex digits; anything else cannot name a job)."""
+    if len(job_id) != 32 or not all(c in "0123456789abcdef" for c in job_id):
+        raise RequestError(404, "JOB_NOT_FOUND", "There is no such job.", "Check the job id.")
+    try:
+        return context.store().get(job_id)
+    except JobNotFound:
+        raise RequestError(404, "JOB_NOT_FOUND", "There is no such job.", "Check the job id.") from None
+
+
+def job_detail(job: Job) -> dict[str, Any]:
+    """The full view of a job, with its queue position, ETA and archive state (the API and the job page)."""
+    store, settings = context.store(), context.settings()
+    position = queue_position(store, job)
+    workers = running = 0
+    if position is not None:  # only a waiting job's ETA depends on the jobs ahead and the workers
+        running = store.count(JobState.RUNNING) + store.count(JobState.DELIVERING)
+        workers = len(live_workers(store.redis, settings.worker_stale_s))
+    eta = eta_seconds(job, position, context.durations().means().get(job.model), workers, running)
+    found = context.forward_states().get(job.series_uid) if job.archive and job.series_uid else {}
+    return detail(job, settings, queue_position=position, eta_s=eta, archive=archive_states(job, found))
+
+
+def parse_state(value: str | None) -> JobState | None:
+    if not value:
+        return None
+    try:
+        return JobState(value)
+    except ValueError:
+        states = ", ".join(s.value for s in JobState)
+        raise RequestError(
+            400, "BAD_STATE", f"{value!r} is not a job state.", f"Use one of: {states}."
+        ) from None
+
+
+def parse_page(name: str, default: int, maximum: int | None = None) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) < 1 or (maximum is not None and int(raw) > maximum):
+        limit = f" and at most {maximum}" if maximum else ""
+        raise RequestError(400, "BAD_PAGE", f"{name} must be a whole number from 1{limit}.")
+    return int(raw)
+
+
+def job_page(state: JobState | None, page: int, per_page: int) -> dict[str, Any]:
+    """One page of jobs, newest first (shared by the API and the jobs page)."""
+    store = context.store()
+    total = store.count(state)
+    jobs = store.list(state, (page - 1) * per_page, per_page)
+    return {
+        "jobs": [summary(job) for job in jobs],
+        "state": state.value if state else None,
+        "page": page,
+        "per_page": per_page,
+        "total": total,
+        "pages": max(1, -(-total // per_page)),
+    }

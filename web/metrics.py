@@ -4,7 +4,12 @@
 - ``openmsk_workers`` — workers with a fresh heartbeat (gauge);
 - ``openmsk_stage_duration_seconds{stage,model}`` — per-stage durations of finished jobs (histogram);
 - ``openmsk_instances_received_total{source}`` — DICOM instances that arrived in jobs (counter);
-- ``openmsk_deliveries_total{destination,result}`` — deliveries of finished jobs by result (counter).
+- ``openmsk_deliveries_total{destination,result}`` — deliveries of finished jobs by result (counter);
+- ``openmsk_archive_series{destination,status}`` — series whose images are not yet at an archive destination,
+  by status: pending, retrying, failed (gauge, from the forwarder's states in Redis);
+- ``openmsk_archive_<name>_total`` — the forwarder's own counters: instances sent, orders done, send failures
+  (counter, kept in Redis by the forwarder);
+- ``openmsk_archive_outbox_orders`` — forward orders waiting in ``DATA_DIR/forward/`` (gauge).
 
 Counters and histograms must only grow, and they must survive a restart of the web and be counted once when
 several web processes are scraped, so they are kept in Redis: at each scrape the jobs not yet observed are
@@ -14,14 +19,18 @@ added, each exactly once (a Lua script marks a job observed and adds its numbers
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import redis
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response
 
+from openmsk.forwarding import ForwardOutbox, ForwardStates
 from openmsk.heartbeat import live_workers
 from openmsk.jobs import INDEX_ALL, INDEX_STATE, KEY_PREFIX, Job, JobState, JobStore
+from web.context import redis_client, settings
 
 metrics = Blueprint("metrics", __name__)
 
@@ -114,7 +123,56 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def render(counts: dict[str, int], workers: int, aggregate: dict[str, float]) -> str:
+@dataclass
+class ArchiveFigures:
+    """The forwarding figures: unfinished series per destination and status, counters, outbox size."""
+
+    waiting: dict[str, dict[str, int]] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
+    outbox_orders: int = 0
+
+
+def archive_figures(client: redis.Redis, outbox: ForwardOutbox) -> ArchiveFigures:
+    states = ForwardStates(client)
+    return ArchiveFigures(states.waiting(), states.counters(), len(outbox))
+
+
+def _metric_name(name: str) -> str:
+    """A counter name of the forwarder as part of a metric name (letters, digits, underscores)."""
+    return re.sub(r"[^a-zA-Z0-9_]", "_", name)
+
+
+def render_archive(figures: ArchiveFigures) -> list[str]:
+    lines = [
+        "# HELP openmsk_archive_series Series whose images are not yet at an archive destination, by status.",
+        "# TYPE openmsk_archive_series gauge",
+        *(
+            f"openmsk_archive_series{_labels(destination=destination, status=status)} {count}"
+            for destination, per in sorted(figures.waiting.items())
+            for status, count in sorted(per.items())
+        ),
+    ]
+    for name, value in sorted(figures.counters.items()):
+        metric = f"openmsk_archive_{_metric_name(name)}_total"
+        lines += [
+            f"# HELP {metric} Forwarding of images to the archive: {name.replace('_', ' ')}.",
+            f"# TYPE {metric} counter",
+            f"{metric} {value}",
+        ]
+    lines += [
+        "# HELP openmsk_archive_outbox_orders Forward orders waiting in the outbox (DATA_DIR/forward).",
+        "# TYPE openmsk_archive_outbox_orders gauge",
+        f"openmsk_archive_outbox_orders {figures.outbox_orders}",
+    ]
+    return lines
+
+
+def render(
+    counts: dict[str, int],
+    workers: int,
+    aggregate: dict[str, float],
+    archive: ArchiveFigures | None = None,
+) -> str:
     """The exposition text for the gauges and the Redis aggregates."""
     lines = [
         "# HELP openmsk_jobs Jobs in each state.",
@@ -160,15 +218,17 @@ def render(counts: dict[str, int], workers: int, aggregate: dict[str, float]) ->
             if p[0] == "delivery"
         ),
     ]
+    lines += render_archive(archive or ArchiveFigures())
     return "\n".join(lines) + "\n"
 
 
 @metrics.get("/metrics")
 def get_metrics() -> Response:
-    client: redis.Redis = current_app.extensions["openmsk_redis"]
-    store = JobStore(client)
-    settings = current_app.config["OPENMSK_SETTINGS"]
+    client, node = redis_client(), settings()
     text = render(
-        store.counts_by_state(), len(live_workers(client, settings.worker_stale_s)), collect(client)
+        JobStore(client).counts_by_state(),
+        len(live_workers(client, node.worker_stale_s)),
+        collect(client),
+        archive_figures(client, ForwardOutbox(node.data_path)),
     )
     return Response(text, mimetype="text/plain", headers={"Content-Type": "text/plain; version=0.0.4"})

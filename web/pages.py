@@ -1,7 +1,8 @@
 """The HTML pages: sign-in, upload, the jobs list with its stats panel, and the job page.
 
-The pages render on the server from the same views the API answers (``web.api``); their scripts only add the
-upload progress and the live job progress, by calling the API with the session cookie and the CSRF header.
+The pages render on the server from the same views the API answers (``web.jobview``); their scripts only add
+the upload progress and the live job progress, by calling the API with the session cookie and the CSRF
+header.
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ from datetime import datetime
 from typing import Any
 
 import requests
-from flask import Blueprint, current_app, g, redirect, render_template, request, url_for
+from flask import Blueprint, g, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 from werkzeug.datastructures import MultiDict
 
+import web.jobview as jobview
 from openmsk.jobs import JobState
-from web import api, jobview, upload
 from web.auth import (
     CSRF_FIELD,
     SAFE_METHODS,
@@ -28,9 +29,12 @@ from web.auth import (
     session_principal,
     sign_in_from_form,
 )
+from web.context import broker, durations, settings, store
 from web.errors import RequestError
+from web.jobview import PER_PAGE, job_detail, job_page, load_job, parse_page, parse_state
 from web.security import check_rate
 from web.stats import node_stats
+from web.upload import offered_models, submit
 from web.viewer import study_link
 
 pages = Blueprint("pages", __name__)
@@ -56,7 +60,7 @@ def require_login() -> ResponseReturnValue | None:
 def login() -> ResponseReturnValue:
     error = None
     if request.method == "POST":
-        if sign_in_from_form(api.store().redis) is not None:
+        if sign_in_from_form(store().redis) is not None:
             return redirect(safe_next(request.form.get("next"), url_for("pages.upload_page")))
         error = WRONG_CREDENTIALS
     users = bool(credentials().users)
@@ -72,7 +76,7 @@ def logout() -> ResponseReturnValue:
 
 def _models() -> tuple[list[dict[str, Any]], str | None]:
     try:
-        return upload.offered_models(api.settings()), None
+        return offered_models(settings()), None
     except RequestError as exc:
         return [], exc.message
 
@@ -81,29 +85,27 @@ def _models() -> tuple[list[dict[str, Any]], str | None]:
 def upload_page() -> ResponseReturnValue:
     models, models_error = _models()
     return render_template(
-        "upload.html", models=models, models_error=models_error, max_upload_mb=api.settings().max_upload_mb
+        "upload.html", models=models, models_error=models_error, max_upload_mb=settings().max_upload_mb
     )
 
 
 @pages.post("/upload")
 def upload_form() -> ResponseReturnValue:
     """The upload form without scripts: the same submission as ``POST /api/jobs``, answered with pages."""
-    check_rate(api.store().redis, "upload", client_key(), api.settings().upload_rate_limit)
+    check_rate(store().redis, "upload", client_key(), settings().upload_rate_limit)
 
     def check_form(form: MultiDict[str, str]) -> None:
         check_csrf(form.get(CSRF_FIELD))
 
     try:
-        job = upload.submit(
-            request.environ, api.settings(), api.store(), current_app.extensions["openmsk_broker"], check_form
-        )
+        job = submit(request.environ, settings(), store(), broker(), check_form)
     except RequestError as exc:
         models, models_error = _models()
         page = render_template(
             "upload.html",
             models=models,
             models_error=models_error,
-            max_upload_mb=api.settings().max_upload_mb,
+            max_upload_mb=settings().max_upload_mb,
             error=exc,
             series=exc.extra.get("series", []),
         )
@@ -113,25 +115,23 @@ def upload_form() -> ResponseReturnValue:
 
 @pages.get("/jobs")
 def jobs() -> ResponseReturnValue:
-    state = api.parse_state(request.args.get("state"))
-    listing = api.job_page(state, api.parse_page("page", 1), api.PER_PAGE)
-    stats = node_stats(api.store(), api.store().redis, api.durations(), api.settings().worker_stale_s)
+    state = parse_state(request.args.get("state"))
+    listing = job_page(state, parse_page("page", 1), PER_PAGE)
+    stats = node_stats(store(), store().redis, durations(), settings().worker_stale_s)
     return render_template("jobs.html", listing=listing, stats=stats, states=[s.value for s in JobState])
 
 
 @pages.get("/jobs/<job_id>")
 def job(job_id: str) -> ResponseReturnValue:
-    record = api.load_job(job_id)
-    detail = api.job_detail(record)
-    report = jobview.read_report(record, api.settings()) if record.state is JobState.DONE else None
+    record = load_job(job_id)
+    detail = job_detail(record)
+    report = jobview.read_report(record, settings()) if record.state is JobState.DONE else None
     files = {row["name"]: row for row in detail["files"]}
     downloads = [(files[name], label) for name, label in jobview.DOWNLOADS if name in files]
     orthanc = record.deliveries.get("orthanc")
-    in_orthanc = bool(
-        record.study_uid and api.settings().orthanc_url and orthanc and orthanc.status == "done"
-    )
+    in_orthanc = bool(record.study_uid and settings().orthanc_url and orthanc and orthanc.status == "done")
     viewer_link = (
-        study_link(api.settings(), record.study_uid, request.host, request.scheme) if in_orthanc else None
+        study_link(settings(), record.study_uid, request.host, request.scheme) if in_orthanc else None
     )
     return render_template(
         "job.html",
@@ -143,21 +143,21 @@ def job(job_id: str) -> ResponseReturnValue:
         downloads=downloads,
         orthanc_link=in_orthanc,
         viewer_link=viewer_link,
-        retention_hours=api.settings().retention_hours,
+        retention_hours=settings().retention_hours,
     )
 
 
 @pages.get("/jobs/<job_id>/orthanc")
 def orthanc_study(job_id: str) -> ResponseReturnValue:
     """Redirect to the job's study in Orthanc Explorer (looked up by StudyInstanceUID)."""
-    record = api.load_job(job_id)
-    settings = api.settings()
-    if not record.study_uid or not settings.orthanc_url:
+    record = load_job(job_id)
+    node = settings()
+    if not record.study_uid or not node.orthanc_url:
         raise RequestError(404, "NOT_IN_ORTHANC", "This job has no study in Orthanc.")
-    auth = (settings.orthanc_user, settings.orthanc_password) if settings.orthanc_user else None
+    auth = (node.orthanc_user, node.orthanc_password) if node.orthanc_user else None
     try:
         response = requests.post(
-            f"{settings.orthanc_url}/tools/lookup", data=record.study_uid, auth=auth, timeout=5
+            f"{node.orthanc_url}/tools/lookup", data=record.study_uid, auth=auth, timeout=5
         )
         response.raise_for_status()
         found = [item["ID"] for item in response.json() if item.get("Type") == "Study"]
@@ -167,7 +167,7 @@ def orthanc_study(job_id: str) -> ResponseReturnValue:
         ) from None
     if not found:
         raise RequestError(404, "NOT_IN_ORTHANC", "Orthanc does not hold this study (any more).")
-    return redirect(f"{settings.orthanc_url}/app/explorer.html#study?uuid={found[0]}")
+    return redirect(f"{node.orthanc_url}/app/explorer.html#study?uuid={found[0]}")
 
 
 @pages.app_template_filter("when")

@@ -15,6 +15,27 @@
     return minutes + " min " + String(Math.round(seconds % 60)).padStart(2, "0") + " s";
   }
 
+  // The images' way to each archive destination, then the results' to each destination: one line each.
+  function transfers(job) {
+    const list = document.getElementById("transfers");
+    if (!list) return;
+    const items = [];
+    Object.keys(job.archive || {}).forEach(function (name) {
+      items.push(["archive", name, job.archive[name]]);
+    });
+    Object.keys(job.deliveries || {}).forEach(function (name) {
+      items.push(["delivery", name, job.deliveries[name]]);
+    });
+    list.replaceChildren.apply(list, items.map(function (item) {
+      const li = document.createElement("li");
+      li.dataset[item[0]] = item[1];
+      li.className = "transfer-" + item[2].status;
+      li.textContent = item[2].summary;
+      return li;
+    }));
+    list.hidden = items.length === 0;
+  }
+
   function render(job) {
     bar.value = job.percent;
     badge.textContent = job.state;
@@ -24,6 +45,7 @@
     if (job.queue_position) line += " · position " + job.queue_position + " in the queue";
     if (job.eta_seconds !== null && job.eta_seconds !== undefined) line += " · about " + duration(job.eta_seconds) + " left";
     text.textContent = line;
+    transfers(job);
     job.stages.forEach(function (stage) {
       const row = document.querySelector('tr[data-stage="' + stage.name + '"]');
       if (!row) return;
