@@ -122,7 +122,9 @@ class JobBookkeeping(dramatiq.Middleware):
         job_id = message.args[0]
         jobs = self.store()
         if isinstance(exception, dramatiq.Retry):
-            if message.actor_name in SEGMENT_ACTORS:  # waiting for its input (object store down): queued again
+            if (
+                message.actor_name in SEGMENT_ACTORS
+            ):  # waiting for its input (object store down): queued again
                 jobs.transition(job_id, JobState.QUEUED)
             return
         if message.failed:
