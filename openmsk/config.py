@@ -148,6 +148,23 @@ class Settings(BaseSettings):
         description="a TOML file of result destinations (DICOM AEs, DICOMweb); `orthanc` is always defined",
     )
     job_time_limit_s: int = Field(1800, gt=0, description="seconds (> 0) a job may run before it is stopped")
+    # --- storage ---
+    storage_url: str | None = Field(
+        None,
+        description="an s3://bucket[/prefix] URL of an S3 object store for received DICOM, uploads and job "
+        "outputs (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY); unset: DATA_DIR only (single host)",
+    )
+    storage_endpoint_url: str | None = Field(
+        None,
+        description="an http(s):// URL of the S3 endpoint (SeaweedFS, MinIO; CA bundle from AWS_CA_BUNDLE); "
+        "unset: AWS S3",
+    )
+    storage_cache_mb: int = Field(
+        20480,
+        gt=0,
+        description="megabytes (> 0) of fetched inputs (incoming/, uploads/) a worker keeps under its DATA_DIR "
+        "with OPENMSK_STORAGE_URL; the least recently used are removed beyond it",
+    )
     # --- web ---
     max_upload_mb: int = Field(
         600, gt=0, description="megabytes (> 0) one upload may hold; a larger one is cut off with HTTP 413"
@@ -219,6 +236,20 @@ class Settings(BaseSettings):
     @field_validator("orthanc_url")
     @classmethod
     def _orthanc_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("not an http URL")
+        return value.rstrip("/") if value else None
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith("s3://"):
+            raise ValueError("not an s3 URL")
+        return value or None
+
+    @field_validator("storage_endpoint_url")
+    @classmethod
+    def _storage_endpoint_url(cls, value: str | None) -> str | None:
         if value and not value.startswith(("http://", "https://")):
             raise ValueError("not an http URL")
         return value.rstrip("/") if value else None

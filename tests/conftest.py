@@ -80,3 +80,22 @@ def settings(data_dir: Path, redis_url: str) -> Settings:
         web_port=free_port(),
         worker_stale_s=3.0,
     )
+
+
+SEAWEEDFS_ACCESS_KEY = "openmsk-test-access"
+SEAWEEDFS_SECRET_KEY = "openmsk-test-secret-0123456789"
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_server(tmp_path_factory: pytest.TempPathFactory):  # -> Iterator[ManagedSeaweedFS]
+    """A real S3 object store (SeaweedFS, authentication on) for the tests of openmsk/objectstore.py."""
+    from openmsk.managed.seaweedfs import ManagedSeaweedFS
+
+    server = ManagedSeaweedFS(
+        tmp_path_factory.mktemp("seaweedfs"),
+        access_key=SEAWEEDFS_ACCESS_KEY,
+        secret_key=SEAWEEDFS_SECRET_KEY,
+        bucket="openmsk-test",
+    )
+    with server:
+        yield server
