@@ -1,5 +1,7 @@
 """The forwarder: drains the archive outbox, one series and destination at a time, with backoff.
 
+It runs as a thread of the SCP and of the web server (uploads); the two take turns on the outbox (a file lock).
+
 For each order and destination it asks the destination which instances of the series it has already
 (:meth:`~destinations.base.Destination.present`), sends only the others exactly as they were received, checks
 they arrived, and records the outcome as a :class:`~openmsk.forwarding.ForwardState` (in memory, mirrored to
@@ -13,6 +15,7 @@ destination has its images, or when its files are gone (retention removed them).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import threading
 import time
@@ -31,6 +34,7 @@ LOG = logging.getLogger("openmsk.forwarder")
 BACKOFF_S = (2, 5, 10, 30, 60, 120, 300)  # seconds before attempt 2, 3, ...; then "failed", retried still
 RETRY_FOREVER_S = 300
 IDLE_POLL_S = 5.0  # how often the outbox is re-read when nothing woke the thread (orders from the web)
+LOCKED_POLL_S = 1.0  # another process holds the outbox: look again this soon
 PROGRESS_EVERY = 16  # instances between progress updates in Redis
 
 
@@ -80,7 +84,19 @@ class Forwarder:
 
     def run_once(self) -> float:
         """One pass over the outbox: every order whose attempt is due is tried. Returns seconds until the
-        next attempt is due (``IDLE_POLL_S`` when nothing is waiting)."""
+        next attempt is due (``IDLE_POLL_S`` when nothing is waiting).
+
+        The SCP and the web both run a forwarder on the same outbox; an exclusive lock on the outbox lets one
+        pass run at a time (the other process tries again later), so no order is sent twice at once.
+        """
+        with open(self.outbox.root / ".lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return LOCKED_POLL_S
+            return self._pass()
+
+    def _pass(self) -> float:
         now = self.clock()
         next_due = now + IDLE_POLL_S
         for order in self.outbox.orders():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import requests
 from playwright.sync_api import Page, expect, sync_playwright
 
 from openmsk.config import REPO_DIR, Settings
@@ -73,6 +74,8 @@ def test_upload_progress_results_and_seg_download(
             "orthanc_url": orthanc_server.url,
             "orthanc_user": ORTHANC_USER,
             "orthanc_password": ORTHANC_PASSWORD,
+            "orthanc_dicom_port": orthanc_server.dicom_port,  # the web's forwarder archives the upload there
+            "orthanc_aet": orthanc_server.aet,
             "web_users": f"{USER}:{hash_password(PASSWORD)}",
             "min_free_disk_mb": 0,
         }
@@ -108,6 +111,16 @@ def test_upload_progress_results_and_seg_download(
             store = JobStore.from_url(str(node.redis_url))
             job = store.get(job_id)
             assert job.state is JobState.DONE, job.error
+            # The uploaded images went to Orthanc as well (before the SEG), so "Open in viewer" has them.
+            assert job.archive == ["orthanc"]
+            found = requests.post(
+                f"{orthanc_server.url}/tools/find",
+                json={"Level": "Instance", "Query": {"SeriesInstanceUID": job.series_uid}},
+                auth=(ORTHANC_USER, ORTHANC_PASSWORD),
+                timeout=10,
+            ).json()
+            assert len(found) == len(job.sop_uids) > 0
+            expect(page.locator("#transfers")).to_contain_text("archived")
             expect(page.locator("#results")).to_be_visible(timeout=30_000)
 
             preview = page.locator("#preview")

@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import tempfile
 
-from openmsk.config import Settings
+from destinations import load_destinations
+from forwarder import Forwarder
+from openmsk.config import ConfigError, Settings, env_name
 from openmsk.stored_secrets import API_TOKEN, ensure_api_token, secret_path
 from web import create_app
 from web.retention import RetentionThread
@@ -22,7 +24,8 @@ log = logging.getLogger("openmsk.web")
 
 
 def serve(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT: the app, and the retention pass in the background."""
+    """Run until SIGTERM/SIGINT: the app, and in the background the retention pass and the forwarder (which
+    archives uploaded DICOM even where no SCP runs beside the web)."""
     scratch = settings.data_path / "tmp" / "web"
     scratch.mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = str(scratch)  # waitress buffers request bodies in tempfile.TemporaryFile()
@@ -33,8 +36,14 @@ def serve(settings: Settings) -> int:
     retention = RetentionThread(settings, app.extensions["openmsk_store"])
     retention.start()
     try:
+        destinations = load_destinations(settings)
+    except ValueError as exc:
+        raise ConfigError(f"{env_name('destinations')}: {exc}") from None
+    forwarder = Forwarder(settings.data_path, destinations, settings.redis_url).start()
+    try:
         # waitress refuses bodies of at least max_request_body_size bytes
         run_until_signal(app, settings.web_host, settings.web_port, body_limit(settings) + 1, "web")
     finally:
+        forwarder.stop()
         retention.stop()
     return 0

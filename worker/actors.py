@@ -206,7 +206,7 @@ def _images_at(name: str, job: Job) -> Literal["arrived", "waiting"]:
         raise JobFailure(
             ErrorCode.ARCHIVE_FAILED,
             f"the source images did not reach {name} within {IMAGES_WAIT_LIMIT_S / 60:.0f} minutes",
-            "Check that the SCP (which forwards the images) is running and the destination is reachable.",
+            "Check that the SCP or the web (which forward the images) runs and the destination is reachable.",
         )
     return "waiting"
 
