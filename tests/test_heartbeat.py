@@ -6,74 +6,49 @@ import json
 from typing import Any
 
 import pytest
+import redis
 
-from openmsk.heartbeat import Heartbeat
-
-
-class _Pipeline:
-    def __init__(self, store: dict[str, Any]) -> None:
-        self.store = store
-
-    def __enter__(self) -> _Pipeline:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def set(self, key: str, value: str, px: int) -> None:
-        self.store.setdefault("records", []).append((key, json.loads(value)))
-
-    def sadd(self, key: str, member: str) -> None:
-        pass
-
-    def execute(self) -> None:
-        pass
+from openmsk.heartbeat import KEY_PREFIX, Heartbeat
 
 
-class _FakeRedis:
-    """Just what :func:`openmsk.heartbeat.beat` calls: a pipeline with SET and SADD."""
-
-    def __init__(self) -> None:
-        self.store: dict[str, Any] = {}
-
-    def pipeline(self) -> _Pipeline:
-        return _Pipeline(self.store)
-
-    def records(self) -> list[dict[str, Any]]:
-        return [record for _key, record in self.store.get("records", [])]
+def stored(client: redis.Redis, heartbeat: Heartbeat) -> dict[str, Any]:
+    """The heartbeat record as it is in Redis now."""
+    raw = client.get(KEY_PREFIX + heartbeat.ident)
+    assert raw is not None, "no heartbeat in Redis"
+    return json.loads(raw)
 
 
-def test_gpu_free_memory_is_measured_on_every_beat() -> None:
-    client = _FakeRedis()
+def test_gpu_free_memory_is_measured_on_every_beat(redis_client: redis.Redis) -> None:
     readings = iter([8_000_000_000, 3_000_000_000])
     info = {"device": "cuda", "gpu": "Test GPU", "gpu_free_bytes": 9_000_000_000}
-    heartbeat = Heartbeat(client, info, stale_s=30.0, gpu_free=lambda: next(readings))  # type: ignore[arg-type]
+    heartbeat = Heartbeat(redis_client, info, stale_s=30.0, gpu_free=lambda: next(readings))
     heartbeat.beat_once()
+    first = stored(redis_client, heartbeat)
     heartbeat.beat_once()
-    first, second = client.records()
+    second = stored(redis_client, heartbeat)
     assert first["gpu_free_bytes"] == 8_000_000_000
     assert second["gpu_free_bytes"] == 3_000_000_000  # the second call of the probe, not a snapshot
     assert second["gpu"] == "Test GPU" and second["id"] == heartbeat.ident
     assert info["gpu_free_bytes"] == 9_000_000_000  # the worker's info is not modified
 
 
-def test_without_a_probe_the_record_is_the_workers_info() -> None:
-    client = _FakeRedis()
-    heartbeat = Heartbeat(client, {"device": "cpu", "gpu": None, "gpu_free_bytes": None}, stale_s=30.0)  # type: ignore[arg-type]
+def test_without_a_probe_the_record_is_the_workers_info(redis_client: redis.Redis) -> None:
+    heartbeat = Heartbeat(redis_client, {"device": "cpu", "gpu": None, "gpu_free_bytes": None}, stale_s=30.0)
     heartbeat.beat_once()
-    (record,) = client.records()
+    record = stored(redis_client, heartbeat)
     assert record["device"] == "cpu" and record["gpu_free_bytes"] is None
 
 
-def test_a_failing_probe_does_not_stop_the_beats(caplog: pytest.LogCaptureFixture) -> None:
-    client = _FakeRedis()
+def test_a_failing_probe_does_not_stop_the_beats(
+    redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
 
     def broken() -> int:
         raise RuntimeError("CUDA error: device lost")
 
-    heartbeat = Heartbeat(client, {"device": "cuda"}, stale_s=30.0, gpu_free=broken)  # type: ignore[arg-type]
+    heartbeat = Heartbeat(redis_client, {"device": "cuda"}, stale_s=30.0, gpu_free=broken)
     heartbeat.beat_once()
-    (record,) = client.records()
+    record = stored(redis_client, heartbeat)
     assert record["gpu_free_bytes"] is None
     assert "device lost" in caplog.text
 
