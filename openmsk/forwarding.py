@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Literal
@@ -23,9 +22,7 @@ from typing import Literal
 import redis
 from pydantic import BaseModel, Field
 
-from openmsk.atomic import write_atomic
-
-LOG = logging.getLogger("openmsk.forwarding")
+from openmsk.spool import RecordFolder
 
 OUTBOX = "forward"
 STATE_PREFIX = "openmsk:forward:"  # + series UID: hash destination -> ForwardState JSON
@@ -83,32 +80,23 @@ class ForwardOutbox:
     """Orders waiting to be forwarded, one JSON file each under ``DATA_DIR/forward/``."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.root = data_dir / OUTBOX
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.records = RecordFolder(data_dir / OUTBOX, ForwardOrder)
+        self.root = self.records.root
 
     def put(self, order: ForwardOrder) -> ForwardOrder:
         """Record an order durably; an order with the same id (same series, same instances) is kept once."""
-        write_atomic(self.root / f"{order.id}.json", order.model_dump_json())
+        self.records.write(order.id, order)
         return order
 
     def orders(self) -> list[ForwardOrder]:
         """Waiting orders, oldest first (an unreadable file is moved aside, not retried forever)."""
-        found = []
-        for path in self.root.glob("*.json"):
-            try:
-                found.append(ForwardOrder.model_validate_json(path.read_bytes()))
-            except FileNotFoundError:
-                continue  # finished meanwhile
-            except (OSError, ValueError):
-                LOG.error("forward order %s is unreadable; moved to %s.bad", path.name, path.stem)
-                path.replace(path.with_suffix(".bad"))
-        return sorted(found, key=lambda order: order.created_at)
+        return self.records.read_all()
 
     def remove(self, order: ForwardOrder) -> None:
-        (self.root / f"{order.id}.json").unlink(missing_ok=True)
+        self.records.delete(order.id)
 
     def __len__(self) -> int:
-        return sum(1 for _ in self.root.glob("*.json"))
+        return len(self.records)
 
 
 class ForwardStates:

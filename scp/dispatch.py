@@ -47,6 +47,7 @@ from forwarder import Forwarder
 from openmsk.atomic import write_atomic
 from openmsk.forwarding import ForwardOrder, instances_digest
 from openmsk.jobs import Job, JobNotFound, JobState, JobStore, latest_key
+from openmsk.spool import RecordFolder
 from scp.completion import PendingSeries
 from scp.routing import Decision, RoutingRules, SeriesInfo
 from scp.storage import SUFFIX, InstanceStore
@@ -118,28 +119,21 @@ class Outbox:
     """Jobs waiting to be queued in Redis, one JSON file each under ``DATA_DIR/spool/``."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.root = data_dir / SPOOL
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.records = RecordFolder(data_dir / SPOOL, Job)
+        self.root = self.records.root
 
     def put(self, job: Job) -> None:
-        write_atomic(self.root / f"{job.id}.json", job.model_dump_json().encode())
+        self.records.write(job.id, job)
 
     def jobs(self) -> list[Job]:
         """Waiting jobs, oldest first (unreadable files are moved aside, not retried forever)."""
-        jobs = []
-        for path in self.root.glob("*.json"):
-            try:
-                jobs.append(Job.model_validate_json(path.read_bytes()))
-            except (OSError, ValueError):
-                LOG.error("spool record %s is unreadable; moved to %s.bad", path.name, path.name)
-                path.replace(path.with_suffix(".bad"))
-        return sorted(jobs, key=lambda job: job.created_at)
+        return self.records.read_all()
 
     def remove(self, job_id: str) -> None:
-        (self.root / f"{job_id}.json").unlink(missing_ok=True)
+        self.records.delete(job_id)
 
     def __len__(self) -> int:
-        return sum(1 for _ in self.root.glob("*.json"))
+        return len(self.records)
 
 
 @dataclass
