@@ -29,8 +29,8 @@ BASELINE_S = 3.5 * 60  # the seed pipeline's mesh-based thickness on the same si
 
 
 def _seg_and_sr(phantom: Phantom, measurements: dict[str, Any]) -> None:
-    from worker.seg import write_seg
-    from worker.sr import write_sr
+    from worker.dicom.seg import write_seg
+    from worker.dicom.sr import write_sr
     from worker.volume import load_series, read_series
 
     with tempfile.TemporaryDirectory() as tmp:

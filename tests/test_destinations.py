@@ -18,8 +18,8 @@ from openmsk.managed.orthanc import ManagedOrthanc
 from openmsk.managed.process import free_port
 from openmsk.phantom import generate, write_series
 from worker.analysis import analyse
-from worker.seg import write_seg
-from worker.sr import write_sr
+from worker.dicom.seg import write_seg
+from worker.dicom.sr import write_sr
 from worker.volume import load_series, read_series
 
 

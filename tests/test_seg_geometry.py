@@ -11,7 +11,7 @@ import pytest
 
 from openmsk.labels import TISSUES
 from openmsk.phantom import generate, write_series
-from worker.seg import write_seg
+from worker.dicom.seg import write_seg
 from worker.volume import load_series, read_series
 
 

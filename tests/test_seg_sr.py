@@ -30,9 +30,9 @@ from openmsk.labels import BY_NAME, CARTILAGES, LATERALITY, TISSUES
 from openmsk.phantom import LABELS, Phantom, generate, write_series
 from worker import analysis_process
 from worker.analysis import analyse
+from worker.dicom.seg import SegResult, seg_uids, write_seg
+from worker.dicom.sr import CODE_THICKNESS, CODE_VOLUME, THICKNESS_STATISTICS, write_sr
 from worker.preview import write_preview
-from worker.seg import SegResult, seg_uids, write_seg
-from worker.sr import CODE_THICKNESS, CODE_VOLUME, THICKNESS_STATISTICS, write_sr
 from worker.volume import SeriesVolume, load_series, read_series
 
 MODEL, VERSION = "knee-test-model", "1.2.0"

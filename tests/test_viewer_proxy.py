@@ -2,7 +2,7 @@
 build with its index.html fallback and generated app-config.js, the streaming DICOMweb proxy with the node's
 Orthanc credentials, the viewer's own security headers, and the links that lead to it.
 
-The study is a phantom series plus the SEG that ``worker.seg.write_seg`` makes of its ground truth: exactly the
+The study is a phantom series plus the SEG that ``worker.dicom.seg.write_seg`` makes of its ground truth: exactly the
 object the worker delivers, without waiting for inference. It is removed from Orthanc at the end.
 """
 
@@ -38,7 +38,7 @@ from tests.processes import settings_env, wait_for
 from web import create_app
 from web.auth import hash_password
 from web.viewer import VIEWER_CSP, app_config, app_config_js, create_viewer_app, study_link
-from worker.seg import write_seg
+from worker.dicom.seg import write_seg
 from worker.volume import load_series, read_series
 
 TOKEN = "viewer-test-token-0123456789"

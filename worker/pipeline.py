@@ -22,12 +22,12 @@ from openmsk.atomic import write_atomic
 from openmsk.jobs import ErrorCode
 from openmsk.models.registry import ModelEntry
 from worker.analysis_process import start_analysis
+from worker.dicom.seg import write_seg
+from worker.dicom.sr import write_sr
 from worker.errors import JobFailure
 from worker.models.segmenter import Segmenter, from_canonical, to_canonical
 from worker.preview import write_preview
 from worker.report import write_report
-from worker.seg import write_seg
-from worker.sr import write_sr
 from worker.volume import SeriesVolume
 
 # Share of the overall percent each stage covers (inference dominates on a CPU; load/write are I/O).

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from openmsk.phantom import generate, write_series
 from worker.analysis_process import start_analysis
+from worker.dicom.seg import write_seg
+from worker.dicom.sr import write_sr
 from worker.preview import write_preview
-from worker.seg import write_seg
-from worker.sr import write_sr
 from worker.volume import load_series, read_series
 
 

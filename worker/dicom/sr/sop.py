@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from openmsk import __version__
-from openmsk.labels import BY_NAME, LATERALITY, CodedTerm, Tissue
-from worker.seg import (
+from openmsk.labels import BY_NAME
+from worker.dicom.general import (
     MANUFACTURER,
     MANUFACTURER_MODEL_NAME,
     VolumeLike,
@@ -30,38 +30,19 @@ from worker.seg import (
     knee_laterality,
     save_dataset,
 )
-from worker.seg import segment_numbers as seg_segment_numbers
+from worker.dicom.seg.content import segment_numbers as seg_segment_numbers
+from worker.dicom.sr.content import (
+    ANALYSIS_NAME,
+    PROCEDURE,
+    SR_SERIES_NUMBER_OFFSET,
+    measurement_group,
+)
 from worker.uids import derive_uid
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-__all__ = [
-    "CODE_95TH_PERCENTILE",
-    "CODE_THICKNESS",
-    "CODE_VOLUME",
-    "SR_SERIES_NUMBER_OFFSET",
-    "THICKNESS_STATISTICS",
-    "SrResult",
-    "sr_uids",
-    "write_sr",
-]
-
-SR_SERIES_NUMBER_OFFSET = 2000  # SR series number = source series number + this (the SEG uses 1000)
-CODE_VOLUME = CodedTerm("118565006", "Volume")
-CODE_THICKNESS = CodedTerm("59089-3", "Thickness", "LN")
-CODE_95TH_PERCENTILE = CodedTerm("371889001", "95th percentile")
-# Key in the analysis' thickness dict -> derivation (CID 7464, plus the 95th percentile).
-THICKNESS_STATISTICS: dict[str, CodedTerm] = {
-    "mean": CodedTerm("373098007", "Mean"),
-    "median": CodedTerm("373099004", "Median"),
-    "std": CodedTerm("386136009", "Standard Deviation"),
-    "p95": CODE_95TH_PERCENTILE,
-}
-_PROCEDURE = CodedTerm("363679005", "Imaging procedure")
-_UNIT_MM3 = CodedTerm("mm3", "cubic millimeter", "UCUM")
-_UNIT_MM = CodedTerm("mm", "millimeter", "UCUM")
-_ANALYSIS_NAME = "OpenMSK knee analysis"
+__all__ = ["SrResult", "sr_uids", "write_sr"]
 
 
 @dataclass(frozen=True)
@@ -93,69 +74,6 @@ def _load_seg(seg: str | Path | Dataset) -> Dataset:
     return dcmread(str(seg), stop_before_pixels=True)
 
 
-def _round(value: float, digits: int) -> float:
-    # DS holds 16 characters: round so that the stored text is the value, not a truncation of it.
-    return float(round(float(value), digits))
-
-
-def _group(
-    tissue: Tissue,
-    entry: dict[str, Any],
-    seg: Dataset,
-    segment_number: int,
-    source_series_uid: str,
-    laterality: str | None,
-    tracking_uid: str,
-    model_algorithm: Any,
-    analysis_algorithm: Any,
-) -> Any:
-    import highdicom as hd
-
-    site_kwargs: dict[str, Any] = {}
-    if laterality is not None:
-        site_kwargs["laterality"] = LATERALITY[laterality].to_code()
-    if tissue.region_modifier is not None:
-        site_kwargs["topographical_modifier"] = tissue.region_modifier.to_code()
-    location = tissue.anatomic_region or tissue.property_type
-    finding_sites = [hd.sr.FindingSite(anatomic_location=location.to_code(), **site_kwargs)]
-
-    measurements = [
-        hd.sr.Measurement(
-            name=CODE_VOLUME.to_code(),
-            value=_round(entry["volume_mm3"], 3),
-            unit=_UNIT_MM3.to_code(),
-            algorithm_id=analysis_algorithm,
-        )
-    ]
-    thickness = entry.get("thickness_mm")
-    if tissue.is_cartilage and thickness:
-        for key, derivation in THICKNESS_STATISTICS.items():
-            measurements.append(
-                hd.sr.Measurement(
-                    name=CODE_THICKNESS.to_code(),
-                    value=_round(thickness[key], 4),
-                    unit=_UNIT_MM.to_code(),
-                    derivation=derivation.to_code(),
-                    algorithm_id=analysis_algorithm,
-                )
-            )
-    referenced = hd.sr.ReferencedSegment(
-        sop_class_uid=str(seg.SOPClassUID),
-        sop_instance_uid=str(seg.SOPInstanceUID),
-        segment_number=segment_number,
-        source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid),
-    )
-    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=tissue.display_name),
-        referenced_segment=referenced,
-        finding_type=tissue.property_type.to_code(),
-        finding_category=tissue.category.to_code(),
-        finding_sites=finding_sites,
-        algorithm_id=model_algorithm,
-        measurements=measurements,
-    )
-
-
 def write_sr(
     seg_path_or_dataset: str | Path | Dataset,
     volume: VolumeLike,
@@ -169,7 +87,7 @@ def write_sr(
     Parameters
     ----------
     seg_path_or_dataset: str | pathlib.Path | pydicom.Dataset
-        The SEG written by :func:`worker.seg.write_seg` for the same labels; the groups reference its
+        The SEG written by :func:`worker.dicom.seg.write_seg` for the same labels; the groups reference its
         segments.
     volume: VolumeLike
         The source series (its first instance gives the series UID and the knee's laterality).
@@ -214,10 +132,10 @@ def write_sr(
     model_algorithm = hd.sr.AlgorithmIdentification(
         name=fit_text(model_name, 64), version=fit_text(model_version, 64)
     )
-    analysis_algorithm = hd.sr.AlgorithmIdentification(name=_ANALYSIS_NAME, version=__version__)
+    analysis_algorithm = hd.sr.AlgorithmIdentification(name=ANALYSIS_NAME, version=__version__)
     ordered = sorted(tissues, key=lambda name: BY_NAME[name].label)
     groups = [
-        _group(
+        measurement_group(
             BY_NAME[name],
             tissues[name],
             seg,
@@ -241,7 +159,7 @@ def write_sr(
     )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=_PROCEDURE.to_code(),
+        procedure_reported=PROCEDURE.to_code(),
         imaging_measurements=groups,
     )
     series_uid, sop_uid = sr_uids(source_series_uid, model_name, model_version)

@@ -17,50 +17,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from openmsk import __version__
-from openmsk.atomic import atomic_file
-from openmsk.labels import LATERALITY, TISSUES, Tissue, tissues_present
+from openmsk.labels import tissues_present
+from worker.dicom.general import (
+    MANUFACTURER,
+    MANUFACTURER_MODEL_NAME,
+    VolumeLike,
+    fit_text,
+    knee_laterality,
+    person_name,
+    save_dataset,
+)
+from worker.dicom.seg.content import CONTENT_LABEL, SEG_SERIES_NUMBER_OFFSET, segment_description
 from worker.uids import derive_uid
 
 if TYPE_CHECKING:
-    import pydicom
     from pydicom.dataset import Dataset
 
-__all__ = [
-    "CONTENT_LABEL",
-    "MANUFACTURER",
-    "SEG_SERIES_NUMBER_OFFSET",
-    "SegResult",
-    "VolumeLike",
-    "fit_text",
-    "knee_laterality",
-    "save_dataset",
-    "seg_uids",
-    "segment_description",
-    "segment_numbers",
-    "write_seg",
-]
-
-MANUFACTURER = "OpenMSK"
-MANUFACTURER_MODEL_NAME = "OpenMSK Node"
-CONTENT_LABEL = "KNEE_SEG"  # CS: upper case, at most 16 characters
-# SEG series number = source series number + this offset, so that it sorts after the source in a viewer and is
-# the same on every rerun.
-SEG_SERIES_NUMBER_OFFSET = 1000
-
-
-class VolumeLike(Protocol):
-    """What the writers need of a loaded series (``worker.volume.SeriesVolume`` has it)."""
-
-    image: NDArray[Any]  # (n_cols, n_rows, n_slices), index (i, j, k)
-    affine_lps: NDArray[Any]  # 4x4, voxel (i, j, k) -> patient LPS mm
-    spacing: tuple[float, float, float]
-    sources: list[pydicom.Dataset]  # sources[k] is slice k
+__all__ = ["SegResult", "seg_uids", "write_seg"]
 
 
 @dataclass(frozen=True)
@@ -95,52 +74,6 @@ def seg_uids(
     )
 
 
-def knee_laterality(source: Dataset) -> str | None:
-    """``"R"`` or ``"L"`` from the source's Laterality (series) or ImageLaterality, else ``None``."""
-    for keyword in ("Laterality", "ImageLaterality"):
-        value = str(source.get(keyword, "") or "").strip().upper()
-        if value in LATERALITY:
-            return value
-    return None
-
-
-def segment_description(
-    number: int,
-    tissue: Tissue,
-    algorithm: Any,
-    laterality: str | None,
-) -> Any:
-    """A highdicom ``SegmentDescription`` for *tissue* as segment *number*.
-
-    Medial/lateral goes into the anatomic region's modifier (CID 2) and the knee's right/left into the
-    property type's modifier (CID 244); highdicom has no arguments for either, so they are added to its items
-    here.
-    """
-    import highdicom as hd
-    from highdicom.sr import CodedConcept
-
-    regions = [tissue.anatomic_region.to_code()] if tissue.anatomic_region is not None else None
-    desc = hd.seg.SegmentDescription(
-        segment_number=number,
-        segment_label=tissue.display_name,
-        segmented_property_category=tissue.category.to_code(),
-        segmented_property_type=tissue.property_type.to_code(),
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm,
-        anatomic_regions=regions,
-        display_color=hd.color.CIELabColor.from_rgb(*tissue.rgb),
-    )
-    if tissue.region_modifier is not None:
-        desc.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [
-            CodedConcept.from_code(tissue.region_modifier.to_code())
-        ]
-    if laterality is not None:
-        desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
-            CodedConcept.from_code(LATERALITY[laterality].to_code())
-        ]
-    return desc
-
-
 def _check(volume: VolumeLike, labels: NDArray[Any]) -> NDArray[Any]:
     labels = np.asarray(labels)
     shape = tuple(np.shape(volume.image))
@@ -164,14 +97,6 @@ def _check(volume: VolumeLike, labels: NDArray[Any]) -> NDArray[Any]:
                 f"source slice {k} is {ds.Rows}x{ds.Columns}, the labels are {shape[1]}x{shape[0]}"
             )
     return labels
-
-
-def fit_text(value: str, limit: int) -> str:
-    """Fit *value* into a DICOM LO/SH field of *limit* characters (backslash is the value separator).
-
-    Plain truncation: an ellipsis character would not encode in the source's character set (often Latin-1).
-    """
-    return value.replace("\\", "/")[:limit]
 
 
 def write_seg(
@@ -268,7 +193,7 @@ def write_seg(
         device_serial_number=device_serial_number,
         content_label=CONTENT_LABEL,
         content_description=fit_text(f"{model_name} {model_version} knee segmentation", 64),
-        content_creator_name=_person_name(content_creator),
+        content_creator_name=person_name(content_creator),
         series_description=fit_text(f"OpenMSK knee segmentation ({model_name} {model_version})", 64),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         # Empty frames carry nothing; leaving them out is most of the size and time saved on a knee.
@@ -288,28 +213,3 @@ def write_seg(
         labelmap=labelmap,
         dataset=seg,
     )
-
-
-def save_dataset(dataset: Dataset, out_path: str | Path) -> Path:
-    """Write *dataset* as a DICOM file atomically: a reader never sees half a file under the final name."""
-    path = Path(out_path)
-    with atomic_file(path) as fh:
-        dataset.save_as(fh, enforce_file_format=True)
-    return path
-
-
-def segment_numbers(seg: Dataset) -> dict[str, int]:
-    """Tissue name -> segment number of a SEG written by :func:`write_seg` (matched by segment label)."""
-    by_display = {t.display_name: t.name for t in TISSUES.values()}
-    out: dict[str, int] = {}
-    for item in seg.SegmentSequence:
-        name = by_display.get(str(item.SegmentLabel))
-        if name is not None:
-            out[name] = int(item.SegmentNumber)
-    return out
-
-
-def _person_name(name: str) -> str:
-    """A PN for a program: one family-name component; the trailing caret says that is on purpose."""
-    name = fit_text(name.strip() or MANUFACTURER_MODEL_NAME, 63)
-    return name if "^" in name else name + "^"

@@ -1,0 +1,72 @@
+"""What every output of the node shares: its equipment identity, the source series it is made from, the write.
+
+The SEG, the SR and the parametric maps name the same manufacturer and model, read the knee's laterality the
+same way, fit text into LO/SH fields the same way and are saved atomically the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from numpy.typing import NDArray
+
+from openmsk.atomic import atomic_file
+from openmsk.labels import LATERALITY
+
+if TYPE_CHECKING:
+    import pydicom
+    from pydicom.dataset import Dataset
+
+__all__ = [
+    "MANUFACTURER",
+    "MANUFACTURER_MODEL_NAME",
+    "VolumeLike",
+    "fit_text",
+    "knee_laterality",
+    "person_name",
+    "save_dataset",
+]
+
+MANUFACTURER = "OpenMSK"
+MANUFACTURER_MODEL_NAME = "OpenMSK Node"
+
+
+class VolumeLike(Protocol):
+    """What the writers need of a loaded series (``worker.volume.SeriesVolume`` has it)."""
+
+    image: NDArray[Any]  # (n_cols, n_rows, n_slices), index (i, j, k)
+    affine_lps: NDArray[Any]  # 4x4, voxel (i, j, k) -> patient LPS mm
+    spacing: tuple[float, float, float]
+    sources: list[pydicom.Dataset]  # sources[k] is slice k
+
+
+def knee_laterality(source: Dataset) -> str | None:
+    """``"R"`` or ``"L"`` from the source's Laterality (series) or ImageLaterality, else ``None``."""
+    for keyword in ("Laterality", "ImageLaterality"):
+        value = str(source.get(keyword, "") or "").strip().upper()
+        if value in LATERALITY:
+            return value
+    return None
+
+
+def fit_text(value: str, limit: int) -> str:
+    """Fit *value* into a DICOM LO/SH field of *limit* characters (backslash is the value separator).
+
+    Plain truncation: an ellipsis character would not encode in the source's character set (often Latin-1).
+    """
+    return value.replace("\\", "/")[:limit]
+
+
+def save_dataset(dataset: Dataset, out_path: str | Path) -> Path:
+    """Write *dataset* as a DICOM file atomically: a reader never sees half a file under the final name."""
+    path = Path(out_path)
+    with atomic_file(path) as fh:
+        dataset.save_as(fh, enforce_file_format=True)
+    return path
+
+
+def person_name(name: str) -> str:
+    """A PN for a program: one family-name component; the trailing caret says that is on purpose."""
+    name = fit_text(name.strip() or MANUFACTURER_MODEL_NAME, 63)
+    return name if "^" in name else name + "^"

@@ -1,0 +1,23 @@
+"""The knee measurement report (TID 1500 SR): ``sop.py`` writes it, ``content.py`` holds its codes and groups."""
+
+from worker.dicom.sr.content import (
+    CODE_95TH_PERCENTILE,
+    CODE_THICKNESS,
+    CODE_VOLUME,
+    SR_SERIES_NUMBER_OFFSET,
+    THICKNESS_STATISTICS,
+    measurement_group,
+)
+from worker.dicom.sr.sop import SrResult, sr_uids, write_sr
+
+__all__ = [
+    "CODE_95TH_PERCENTILE",
+    "CODE_THICKNESS",
+    "CODE_VOLUME",
+    "SR_SERIES_NUMBER_OFFSET",
+    "THICKNESS_STATISTICS",
+    "SrResult",
+    "measurement_group",
+    "sr_uids",
+    "write_sr",
+]
