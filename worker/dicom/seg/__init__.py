@@ -1,8 +1,14 @@
-"""The knee DICOM Segmentation: ``sop.py`` writes it, ``content.py`` describes its segments."""
+"""The knee DICOM Segmentations (tissues, cartilage regions): ``sop.py`` writes them, ``content.py`` describes
+their segments."""
 
 from worker.dicom.seg.content import (
     CONTENT_LABEL,
+    REGION_CONTENT_LABEL,
+    REGION_KINDS,
+    REGION_SEG_SERIES_NUMBER_OFFSET,
     SEG_SERIES_NUMBER_OFFSET,
+    TISSUE_KINDS,
+    SegmentKind,
     segment_description,
     segment_numbers,
 )
@@ -10,8 +16,13 @@ from worker.dicom.seg.sop import SegResult, seg_uids, write_seg
 
 __all__ = [
     "CONTENT_LABEL",
+    "REGION_CONTENT_LABEL",
+    "REGION_KINDS",
+    "REGION_SEG_SERIES_NUMBER_OFFSET",
     "SEG_SERIES_NUMBER_OFFSET",
+    "TISSUE_KINDS",
     "SegResult",
+    "SegmentKind",
     "seg_uids",
     "segment_description",
     "segment_numbers",

@@ -1,7 +1,11 @@
 """DICOM Segmentation (SEG) of the knee labels, for the PACS and any DICOM viewer.
 
-One segment per tissue present in the label map (absent tissues are left out, so a viewer lists only what was
-found), coded with the SNOMED CT terms of :mod:`openmsk.labels`, coloured with the same colours as the preview
+Two SEGs are written from the same code: the tissues (label map 1-9) and, with ``regions=True``, the
+cartilage subregions of :mod:`openmsk.regions` (label map 11-32, content label ``KNEE_REGIONS``, its own
+series number and UIDs), so a PACS user sees the regions the report measures.
+
+One segment per tissue (or region) present in the label map (absent ones are left out, so a viewer lists only
+what was found), coded with the SNOMED CT terms of :mod:`openmsk.labels`, coloured with the same colours as the preview
 (RecommendedDisplayCIELabValue), and identified as the AUTOMATIC output of the model and version that produced
 it. The SEG shares the source series' study and frame of reference and references every source instance.
 
@@ -23,7 +27,6 @@ import numpy as np
 from numpy.typing import NDArray
 
 from openmsk import __version__
-from openmsk.labels import tissues_present
 from worker.dicom.general import (
     MANUFACTURER,
     MANUFACTURER_MODEL_NAME,
@@ -33,7 +36,15 @@ from worker.dicom.general import (
     person_name,
     save_dataset,
 )
-from worker.dicom.seg.content import CONTENT_LABEL, SEG_SERIES_NUMBER_OFFSET, segment_description
+from worker.dicom.seg.content import (
+    CONTENT_LABEL,
+    REGION_CONTENT_LABEL,
+    REGION_KINDS,
+    REGION_SEG_SERIES_NUMBER_OFFSET,
+    SEG_SERIES_NUMBER_OFFSET,
+    TISSUE_KINDS,
+    segment_description,
+)
 from worker.uids import derive_uid
 
 if TYPE_CHECKING:
@@ -46,7 +57,8 @@ __all__ = ["SegResult", "seg_uids", "write_seg"]
 class SegResult:
     """What :func:`write_seg` wrote.
 
-    ``segments`` holds the tissue names in segment-number order: segment ``n`` is ``segments[n - 1]``.
+    ``segments`` holds the tissue (or region) names in segment-number order: segment ``n`` is
+    ``segments[n - 1]``.
     """
 
     series_uid: str
@@ -55,19 +67,27 @@ class SegResult:
     path: Path | None = None
     segment_numbers: dict[str, int] = field(default_factory=dict)
     labelmap: bool = False
+    regions: bool = False
     #: the SEG as written, for the SR (which then need not read the file back)
     dataset: Dataset | None = field(default=None, repr=False, compare=False)
 
 
 def seg_uids(
-    source_series_uid: str, model_name: str, model_version: str, *, labelmap: bool = False
+    source_series_uid: str,
+    model_name: str,
+    model_version: str,
+    *,
+    labelmap: bool = False,
+    regions: bool = False,
 ) -> tuple[str, str]:
     """(SeriesInstanceUID, SOPInstanceUID) of the SEG of *model_name* *model_version* on a source series.
 
     The segmentation type takes part: a BINARY and a LABELMAP SEG are different SOP classes and must never
-    share a SOP Instance UID.
+    share a SOP Instance UID. The region SEG is another object (another series) than the tissue SEG.
     """
     kind = "seg-labelmap" if labelmap else "seg-binary"
+    if regions:
+        kind = "regions-" + kind
     return (
         derive_uid(source_series_uid, model_name, model_version, kind, "series"),
         derive_uid(source_series_uid, model_name, model_version, kind, "instance"),
@@ -107,6 +127,7 @@ def write_seg(
     out_path: str | Path,
     *,
     labelmap: bool = False,
+    regions: bool = False,
     content_creator: str = "OpenMSK Node",
     device_serial_number: str = "1",
 ) -> SegResult:
@@ -125,6 +146,8 @@ def write_seg(
         Target file; written atomically (temporary file, then rename), parent folders created.
     labelmap: bool
         Write a Label Map Segmentation (one 8-bit frame per slice) instead of a BINARY one.
+    regions: bool
+        *labels* is the subregion label map (:data:`openmsk.regions.REGIONS`): write the region SEG.
     content_creator: str
         ContentCreatorName (a person name in DICOM; the node names itself).
 
@@ -136,7 +159,8 @@ def write_seg(
     Raises
     ------
     ValueError
-        When the labels do not match the volume, or no tissue of the table is present (a SEG needs a segment).
+        When the labels do not match the volume, or no tissue (region) of the table is present (a SEG needs a
+        segment).
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -147,9 +171,11 @@ def write_seg(
     labels = _check(volume, labels)
     source0 = volume.sources[0]
 
-    present = tissues_present(labels)
+    table = REGION_KINDS if regions else TISSUE_KINDS
+    present = [kind for value, kind in table.items() if (labels == value).any()]
     if not present:
-        raise ValueError("no tissue of the table is present in the labels: nothing to segment")
+        what = "region" if regions else "tissue"
+        raise ValueError(f"no {what} of the table is present in the labels: nothing to segment")
     # Segment numbers are consecutive from 1 (the standard requires it), in label order; other values -> 0.
     # Where the labels present are 1..n already (every tissue found, the usual case), they are the numbers.
     numbered = [t.label for t in present] == list(range(1, len(present) + 1))
@@ -173,9 +199,11 @@ def write_seg(
     descriptions = [segment_description(n, t, algorithm, laterality) for n, t in enumerate(present, start=1)]
 
     series_uid, sop_uid = seg_uids(
-        str(source0.SeriesInstanceUID), model_name, model_version, labelmap=labelmap
+        str(source0.SeriesInstanceUID), model_name, model_version, labelmap=labelmap, regions=regions
     )
-    series_number = SEG_SERIES_NUMBER_OFFSET + int(source0.get("SeriesNumber", 0) or 0)
+    offset = REGION_SEG_SERIES_NUMBER_OFFSET if regions else SEG_SERIES_NUMBER_OFFSET
+    series_number = offset + int(source0.get("SeriesNumber", 0) or 0)
+    what = "knee cartilage regions" if regions else "knee segmentation"
     seg = hd.seg.Segmentation(
         source_images=volume.sources,
         pixel_array=pixels,
@@ -191,10 +219,10 @@ def write_seg(
         manufacturer_model_name=MANUFACTURER_MODEL_NAME,
         software_versions=__version__,
         device_serial_number=device_serial_number,
-        content_label=CONTENT_LABEL,
-        content_description=fit_text(f"{model_name} {model_version} knee segmentation", 64),
+        content_label=REGION_CONTENT_LABEL if regions else CONTENT_LABEL,
+        content_description=fit_text(f"{model_name} {model_version} {what}", 64),
         content_creator_name=person_name(content_creator),
-        series_description=fit_text(f"OpenMSK knee segmentation ({model_name} {model_version})", 64),
+        series_description=fit_text(f"OpenMSK {what} ({model_name} {model_version})", 64),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         # Empty frames carry nothing; leaving them out is most of the size and time saved on a knee.
         omit_empty_frames=True,
@@ -211,5 +239,6 @@ def write_seg(
         path=path,
         segment_numbers={t.name: n for n, t in enumerate(present, start=1)},
         labelmap=labelmap,
+        regions=regions,
         dataset=seg,
     )

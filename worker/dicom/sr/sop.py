@@ -1,13 +1,21 @@
 """DICOM SR Measurement Report (TID 1500) of the knee measurements, next to the SEG in the PACS.
 
-One TID 1411 "Volumetric ROI Measurements" group per measured tissue. Each group references its segment of the
-SEG (and through it the source series), names the tissue with the SEG's codes (finding type = segmented
-property type, finding site = anatomic region with laterality and medial/lateral modifier) and holds:
+One TID 1411 "Volumetric ROI Measurements" group per measured tissue and, when the region SEG is given, per
+measured cartilage subregion. Each group references its segment of the tissue or region SEG (and through it
+the source series), names the tissue or region with the SEG's codes (finding type = segmented property type,
+finding site = the covered bone with laterality and the region's topographical modifiers) and holds what was
+measured (:mod:`worker.dicom.sr.content` lists the codes):
 
-* Volume (SCT 118565006) in mm3, for every tissue;
-* Thickness (LOINC 59089-3) in mm for every cartilage sheet, four times, with the derivations Mean
-  (SCT 373098007), Median (SCT 373099004), Standard Deviation (SCT 386136009) and 95th percentile
-  (SCT 371889001).
+* Volume (SCT 118565006) in mm3;
+* Thickness (LOINC 59089-3) in mm for every cartilage sheet and subregion, four times, with the derivations
+  Mean (SCT 373098007), Median (SCT 373099004), Standard Deviation (SCT 386136009) and 95th percentile
+  (SCT 371889001);
+* the covered bone-interface Area (SCT 42798000) in mm2, where measured;
+* T2 (DCM 113065) in ms with the same derivations, wherever an entry has ``t2_ms``.
+
+A value that was not measurable is left out (never 0); a region with nothing measured gets no group. When the
+measurements hold a comparable ``change`` since the prior visit, each region with a change gets one more group,
+"Change since <prior date>: <region>", with the difference of its mean thickness in mm and in %.
 
 The document is a Comprehensive 3D SR (what TID 1500 readers such as dcmqi and OHIF expect), marked complete
 and unverified: it is an automatic result that no person has signed. Its UIDs are derived like the SEG's, so a
@@ -22,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from openmsk import __version__
 from openmsk.labels import BY_NAME
+from openmsk.regions import REGIONS_BY_NAME
 from worker.dicom.general import (
     MANUFACTURER,
     MANUFACTURER_MODEL_NAME,
@@ -30,11 +39,13 @@ from worker.dicom.general import (
     knee_laterality,
     save_dataset,
 )
+from worker.dicom.seg.content import REGION_KINDS, TISSUE_KINDS
 from worker.dicom.seg.content import segment_numbers as seg_segment_numbers
 from worker.dicom.sr.content import (
     ANALYSIS_NAME,
     PROCEDURE,
     SR_SERIES_NUMBER_OFFSET,
+    change_group,
     measurement_group,
 )
 from worker.uids import derive_uid
@@ -47,13 +58,16 @@ __all__ = ["SrResult", "sr_uids", "write_sr"]
 
 @dataclass(frozen=True)
 class SrResult:
-    """What :func:`write_sr` wrote: UIDs, the path and the tissues that got a measurement group, in order."""
+    """What :func:`write_sr` wrote: UIDs, the path, and the tissues, regions and region changes that got a
+    measurement group, in order."""
 
     series_uid: str
     sop_uid: str
     path: Path | None = None
     tissues: tuple[str, ...] = ()
     sop_class_uid: str = ""
+    regions: tuple[str, ...] = ()
+    changes: tuple[str, ...] = ()
 
 
 def sr_uids(source_series_uid: str, model_name: str, model_version: str) -> tuple[str, str]:
@@ -81,6 +95,8 @@ def write_sr(
     model_name: str,
     model_version: str,
     out_path: str | Path,
+    *,
+    region_seg: str | Path | Dataset | None = None,
 ) -> SrResult:
     """Write the TID 1500 measurement report of *measurements* (from :func:`worker.analysis.analyse`).
 
@@ -98,11 +114,14 @@ def write_sr(
         The segmentation model; takes part in the UIDs and is the groups' algorithm identification.
     out_path: str | pathlib.Path
         Target file, written atomically.
+    region_seg: str | pathlib.Path | pydicom.Dataset | None
+        The region SEG (``write_seg(..., regions=True)``); without it the ``regions`` and ``change`` of the
+        measurements are not reported.
 
     Raises
     ------
     ValueError
-        When the SEG was not made from this series, or a measured tissue has no segment in the SEG (a
+        When a SEG was not made from this series, or a measured tissue (region) has no segment in its SEG (a
         measurement group must reference its region).
     """
     import highdicom as hd
@@ -113,9 +132,7 @@ def write_sr(
     seg = _load_seg(seg_path_or_dataset)
     source0 = volume.sources[0]
     source_series_uid = str(source0.SeriesInstanceUID)
-    referenced_series = {str(item.SeriesInstanceUID) for item in seg.get("ReferencedSeriesSequence", [])}
-    if referenced_series and source_series_uid not in referenced_series:
-        raise ValueError("the SEG does not reference the source series of this volume")
+    _check_source(seg, source_series_uid)
     numbers = seg_segment_numbers(seg)
     laterality = knee_laterality(source0)
 
@@ -133,21 +150,82 @@ def write_sr(
         name=fit_text(model_name, 64), version=fit_text(model_version, 64)
     )
     analysis_algorithm = hd.sr.AlgorithmIdentification(name=ANALYSIS_NAME, version=__version__)
-    ordered = sorted(tissues, key=lambda name: BY_NAME[name].label)
-    groups = [
-        measurement_group(
-            BY_NAME[name],
+
+    def tracking(*parts: str) -> str:
+        return derive_uid(source_series_uid, model_name, model_version, *parts)
+
+    groups = []
+    ordered: list[str] = []
+    for name in sorted(tissues, key=lambda name: BY_NAME[name].label):
+        kind = TISSUE_KINDS[BY_NAME[name].label]
+        group = measurement_group(
+            kind,
             tissues[name],
             seg,
             numbers[name],
             source_series_uid,
             laterality,
-            derive_uid(source_series_uid, model_name, model_version, "tracking", name),
+            tracking("tracking", name),
             model_algorithm,
             analysis_algorithm,
         )
-        for name in ordered
-    ]
+        if group is not None:
+            groups.append(group)
+            ordered.append(name)
+
+    evidence = [seg]
+    reported_regions: list[str] = []
+    changes: list[str] = []
+    if region_seg is not None:
+        rseg = _load_seg(region_seg)
+        _check_source(rseg, source_series_uid)
+        evidence.append(rseg)
+        rnumbers = seg_segment_numbers(rseg)
+        regions = measurements.get("regions") or {}
+        unknown = sorted(set(regions) - set(REGIONS_BY_NAME))
+        if unknown:
+            raise ValueError(f"unknown regions in the measurements: {unknown}")
+        for name in sorted(regions, key=lambda name: REGIONS_BY_NAME[name].label):
+            kind = REGION_KINDS[REGIONS_BY_NAME[name].label]
+            if name not in rnumbers:
+                if any(regions[name].get(key) is not None for key in ("volume_mm3", "thickness_mm")):
+                    raise ValueError(f"region measured but not segmented in the region SEG: {name}")
+                continue  # not measurable and not in the map: nothing to report or reference
+            group = measurement_group(
+                kind,
+                regions[name],
+                rseg,
+                rnumbers[name],
+                source_series_uid,
+                laterality,
+                tracking("tracking-region", name),
+                model_algorithm,
+                analysis_algorithm,
+            )
+            if group is not None:
+                groups.append(group)
+                reported_regions.append(name)
+        change = measurements.get("change") or {}
+        if change.get("comparable"):
+            prior_date = _iso_date(str((change.get("prior") or {}).get("study_date") or ""))
+            for name in sorted(change.get("regions") or {}, key=lambda n: REGIONS_BY_NAME[n].label):
+                if name not in rnumbers:
+                    continue
+                group = change_group(
+                    REGION_KINDS[REGIONS_BY_NAME[name].label],
+                    change["regions"][name],
+                    prior_date,
+                    rseg,
+                    rnumbers[name],
+                    source_series_uid,
+                    laterality,
+                    tracking("tracking-change", name),
+                    analysis_algorithm,
+                )
+                if group is not None:
+                    groups.append(group)
+                    changes.append(name)
+
     observer = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -164,7 +242,7 @@ def write_sr(
     )
     series_uid, sop_uid = sr_uids(source_series_uid, model_name, model_version)
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[seg],
+        evidence=evidence,
         content=report,
         series_instance_uid=series_uid,
         series_number=SR_SERIES_NUMBER_OFFSET + int(source0.get("SeriesNumber", 0) or 0),
@@ -185,4 +263,19 @@ def write_sr(
         path=path,
         tissues=tuple(ordered),
         sop_class_uid=str(sr.SOPClassUID),
+        regions=tuple(reported_regions),
+        changes=tuple(changes),
     )
+
+
+def _check_source(seg: Dataset, source_series_uid: str) -> None:
+    referenced = {str(item.SeriesInstanceUID) for item in seg.get("ReferencedSeriesSequence", [])}
+    if referenced and source_series_uid not in referenced:
+        raise ValueError("the SEG does not reference the source series of this volume")
+
+
+def _iso_date(value: str) -> str:
+    """``20250131`` -> ``2025-01-31`` (a DA as people read it); anything else as it is, or "prior visit"."""
+    if len(value) == 8 and value.isdigit():
+        return f"{value[:4]}-{value[4:6]}-{value[6:]}"
+    return value or "prior visit"
