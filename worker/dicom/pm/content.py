@@ -1,0 +1,47 @@
+"""What the T2 parametric map is made of: its quantity code, unit, value mapping, series number offset.
+
+* Quantity: T2, DCM 113065 (CID 7180, the quantities of parametric maps; DCM defines it as the transverse
+  relaxation time), the same code the SR's T2 measurements use.
+* Unit: UCUM ``ms``.
+* Real World Value Mapping: the stored float32 values are T2 in ms as they are (slope 1, intercept 0), over
+  the range of the map; 0 means "no value" (outside the fitted range or the goodness-of-fit mask).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import highdicom as hd
+
+__all__ = [
+    "CONTENT_LABEL",
+    "PM_SERIES_NUMBER_OFFSET",
+    "T2_CODE",
+    "T2_WINDOW_MS",
+    "UNIT_MS",
+    "t2_value_mapping",
+]
+
+#: Series number = source series number + this (SEG 1000, SR 2000).
+PM_SERIES_NUMBER_OFFSET = 3000
+CONTENT_LABEL = "T2_MAP"
+#: (centre, width) of the default display window: cartilage and menisci, 0-80 ms.
+T2_WINDOW_MS = (40.0, 80.0)
+T2_CODE = ("113065", "DCM", "T2")
+UNIT_MS = ("ms", "UCUM", "millisecond")
+
+
+def t2_value_mapping(max_value_ms: float) -> hd.pm.RealWorldValueMapping:
+    """The Real World Value Mapping of a T2 map whose stored values run 0..*max_value_ms* (ms, identity)."""
+    import highdicom as hd
+
+    return hd.pm.RealWorldValueMapping(
+        lut_label="T2_MS",
+        lut_explanation="T2 relaxation time (ms); 0 = no value",
+        unit=hd.sr.CodedConcept(*UNIT_MS),
+        value_range=(0.0, float(max(max_value_ms, 1.0))),
+        slope=1.0,
+        intercept=0.0,
+        quantity_definition=hd.sr.CodedConcept(*T2_CODE),
+    )
