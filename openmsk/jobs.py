@@ -67,6 +67,7 @@ class ErrorCode(StrEnum):
     INPUT_MISSING = "INPUT_MISSING"
     CONFIG_ERROR = "CONFIG_ERROR"
     PIPELINE_ERROR = "PIPELINE_ERROR"
+    T2_PARAMETERS_MISSING = "T2_PARAMETERS_MISSING"  # a warning: T2 skipped, the rest delivered
 
 
 class InvalidTransition(Exception):
@@ -160,6 +161,10 @@ class Job(BaseModel):
     attempts: int = 0
     worker: str | None = Field(None, description="id of the worker that ran the latest attempt")
     error: JobError | None = None
+    warnings: list[JobError] = Field(
+        default_factory=list, description="what was skipped in a job that still finished (done with warnings)"
+    )
+    t2: bool = Field(True, description="compute T2 when the series is multi-echo (routing rule option t2)")
     files: list[str] = Field(default_factory=list)
     input_via: Literal["", "local", "object-store"] = Field(
         "", description="how the worker got the input: on its own disk, or fetched from the object store"
