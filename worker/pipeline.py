@@ -28,6 +28,8 @@ from worker.errors import JobFailure
 from worker.models.segmenter import Segmenter, from_canonical, to_canonical
 from worker.preview import write_preview
 from worker.report import write_report
+from worker.t2 import MultiEchoVolume
+from worker.t2.stage import T2Warning, run_t2
 from worker.volume import SeriesVolume
 
 # Share of the overall percent each stage covers (inference dominates on a CPU; load/write are I/O).
@@ -67,6 +69,7 @@ class Outputs:
     seg_sop_uid: str | None = None
     sr_sop_uid: str | None = None
     measurements: dict[str, Any] = field(default_factory=dict)
+    warnings: list[T2Warning] = field(default_factory=list)  # skipped parts of a job that still finishes
 
 
 def write_labels_nifti(labels: np.ndarray, affine_lps: np.ndarray, path: Path) -> None:
@@ -84,6 +87,7 @@ def segment_volume(
     *,
     dicom_outputs: bool = True,
     labelmap_seg: bool = False,
+    t2: bool = True,
 ) -> Outputs:
     """Run preprocess → infer → postprocess → write → analyse on a loaded volume, writing into ``out_dir``.
 
@@ -144,6 +148,14 @@ def segment_volume(
     progress("analyse", 0.0)
     measurements = analysis.result()
     outputs.measurements = measurements
+    if t2 and isinstance(volume, MultiEchoVolume):
+        # T2 before the report and SR, so both carry its statistics; missing parameters are a warning.
+        t2_out = run_t2(
+            volume, labels, measurements, entry.name, entry.version, out_dir, dicom_outputs=dicom_outputs
+        )
+        outputs.files.extend(t2_out.files)
+        outputs.dicom.extend(DicomResult(*item) for item in t2_out.dicom)
+        outputs.warnings.extend([t2_out.warning] if t2_out.warning else [])
     progress("analyse", 0.6)
     provenance = {**segmenter.provenance, "node_version": __version__}
     outputs.files.extend(write_report(measurements, provenance, out_dir))
