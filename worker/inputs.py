@@ -11,6 +11,7 @@ import pydicom
 
 from openmsk.archive import UnsafeArchive, safe_extract
 from worker.errors import SeriesError
+from worker.t2.echoes import load_series_with_echoes
 from worker.volume import SeriesVolume, load_series, read_series
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr")
@@ -46,7 +47,7 @@ def load_input(path: Path) -> SeriesVolume:
     if not path.exists():
         raise SeriesError(f"{path} does not exist", "Check the path.")
     if path.is_dir():
-        return load_series(read_series(path))
+        return load_series_with_echoes(read_series(path))  # one echo: load_series
     if is_volume_file(path):
         return load_volume_file(path)
     if zipfile.is_zipfile(path):
@@ -58,7 +59,7 @@ def load_input(path: Path) -> SeriesVolume:
             volumes = [p for p in Path(tmp).rglob("*") if p.is_file() and is_volume_file(p)]
             if len(volumes) == 1:
                 return load_volume_file(volumes[0])
-            return load_series(read_series(Path(tmp)))
+            return load_series_with_echoes(read_series(Path(tmp)))
     try:
         return load_series([pydicom.dcmread(path)])  # one file: an enhanced (multi-frame) MR instance
     except pydicom.errors.InvalidDicomError:
@@ -76,4 +77,4 @@ def load_series_instances(folder: Path, sop_uids: list[str]) -> SeriesVolume:
             f"{len(missing)} of the job's {len(sop_uids)} instances are no longer on disk",
             "Send the series again.",
         )
-    return load_series([pydicom.dcmread(folder / f"{uid}.dcm") for uid in sop_uids])
+    return load_series_with_echoes([pydicom.dcmread(folder / f"{uid}.dcm") for uid in sop_uids])
