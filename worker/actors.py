@@ -21,7 +21,7 @@ import dramatiq
 from destinations import Destination, load_destinations
 from openmsk.config import Settings, load_settings
 from openmsk.forwarding import ForwardStates, instances_digest
-from openmsk.jobs import Delivery, ErrorCode, Job, JobState, JobStore, ResultInstance
+from openmsk.jobs import Delivery, ErrorCode, Job, JobError, JobState, JobStore, ResultInstance
 from openmsk.models.registry import RegistryError, load_registry
 from openmsk.queue import DELIVER_ACTOR, DELIVER_QUEUE, SEGMENT_ACTOR, SEGMENT_URGENT_ACTOR
 from worker.bookkeeping import retry_delivery, retry_segmentation
@@ -84,7 +84,13 @@ def segment_job(job_id: str) -> None:
             ErrorCode.MODEL_ERROR, str(exc), "Choose an installed model (openmsk models)."
         ) from None
     outputs = segment_volume(
-        volume, segmenter, segmenter.entry, job_output_dir(job), progress, dicom_outputs=bool(volume.sources)
+        volume,
+        segmenter,
+        segmenter.entry,
+        job_output_dir(job),
+        progress,
+        dicom_outputs=bool(volume.sources),
+        t2=job.t2,
     )
     jobs.transition(job_id, JobState.DELIVERING, lambda j: _record_outputs(j, outputs, segmenter))
     deliver_job.send(job_id)
@@ -113,6 +119,7 @@ def _record_outputs(job: Job, outputs: Outputs, segmenter: Segmenter) -> None:
         }
     )
     job.deliveries = {name: Delivery() for name in job.destinations} if job.results else {}
+    job.warnings = [JobError(code=w.code, message=w.message, hint=w.hint) for w in outputs.warnings]
     job.percent = overall_percent("deliver", 0.0)
 
 
