@@ -132,6 +132,7 @@ class Rule(BaseModel, frozen=True, extra="forbid"):
     destinations: Names = ()
     archive: OptionalNames | None = None
     priority: Literal["urgent", "default"] = "default"
+    t2: StrictBool = True  # compute T2 when the series is multi-echo (qDESS, MESE)
     modality: UpperNames | None = None
     body_part: UpperNames | None = None
     series_description: Pattern | None = None

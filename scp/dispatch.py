@@ -235,6 +235,7 @@ class Dispatcher:
                         model=model,
                         priority=rule.priority,  # type: ignore[arg-type]
                         destinations=list(rule.destinations),
+                        t2=rule.t2,
                         archive=archive,
                         input_path=input_path,
                         idempotency_key=idempotency_key(header.series_uid, sop_uids, model),
