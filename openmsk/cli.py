@@ -9,12 +9,13 @@ arguments; they import heavy libraries (torch, pynetdicom, nnunetv2) inside thei
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from importlib import import_module
 from importlib.metadata import distributions
 
-from openmsk import __version__
+from openmsk import __version__, audit
 from openmsk.config import ConfigError, load_settings
 
 COMMAND_GROUP = "openmsk.commands"  # entry points: one per module with register(subparsers)
@@ -68,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     # highdicom logs every attribute module it copies at INFO: noise in a node's log.
     logging.getLogger("highdicom").setLevel(logging.WARNING)
+    # The process's audit log (DATA_DIR/audit), for code without settings at hand (the worker's job store);
+    # a bad setting is left to the command itself to report.
+    with contextlib.suppress(ConfigError):
+        audit.install(audit.AuditLog(load_settings().data_path))
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

@@ -19,6 +19,9 @@ from typing import Literal
 import redis
 from pydantic import BaseModel, Field, field_validator
 
+from openmsk import audit
+from openmsk.audit import AuditLog
+
 KEY_PREFIX = "openmsk:job:"
 INDEX_ALL = "openmsk:jobs"
 INDEX_STATE = "openmsk:jobs:state:"
@@ -198,8 +201,9 @@ class Job(BaseModel):
 class JobStore:
     """Jobs in Redis: one JSON document per job plus sorted-set indexes by creation time and by state."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, audit: AuditLog | None = None) -> None:
         self.redis = client
+        self.audit = audit  # None: the process's installed one, if any (openmsk.audit.install)
 
     @classmethod
     def from_url(cls, url: str) -> JobStore:
@@ -215,6 +219,17 @@ class JobStore:
             created, *_ = pipe.execute()
         if not created:
             raise ValueError(f"job {job.id} already exists")
+        if log := self.audit or audit.installed():
+            audit.job_created(
+                log,
+                job_id=job.id,
+                source=job.source,
+                calling_ae=job.calling_ae,
+                study_uid=job.study_uid,
+                series_uid=job.series_uid,
+                count=job.instance_count,
+                model=job.model,
+            )
         return job
 
     def get(self, job_id: str) -> Job:
@@ -239,6 +254,7 @@ class JobStore:
                         raise JobNotFound(job_id)
                     job = Job.model_validate_json(raw)
                     before = job.state
+                    delivered = {name for name, d in job.deliveries.items() if d.status == "done"}
                     change(job)
                     job.updated_at = time.time()
                     pipe.multi()
@@ -247,9 +263,36 @@ class JobStore:
                         pipe.zrem(INDEX_STATE + before.value, job.id)
                         pipe.zadd(INDEX_STATE + job.state.value, {job.id: job.created_at})
                     pipe.execute()
-                    return job
                 except redis.WatchError:
                     continue
+                self._audit_update(before, delivered, job)
+                return job
+
+    def _audit_update(self, before: JobState, delivered: set[str], job: Job) -> None:
+        """The audit lines of one committed update: the job finished, results reached a destination."""
+        log = self.audit or audit.installed()
+        if log is None:
+            return
+        for name, delivery in job.deliveries.items():
+            if delivery.status == "done" and name not in delivered:
+                audit.results_delivered(
+                    log,
+                    job_id=job.id,
+                    destination=name,
+                    study_uid=job.study_uid,
+                    series_uid=job.series_uid,
+                    sop_uids=[r.sop_instance_uid for r in job.results],
+                )
+        if job.state != before and job.terminal:
+            audit.job_finished(
+                log,
+                job_id=job.id,
+                study_uid=job.study_uid,
+                series_uid=job.series_uid,
+                count=job.instance_count,
+                model=job.model,
+                error_code=job.error.code.value if job.error and job.state is JobState.FAILED else None,
+            )
 
     def transition(self, job_id: str, state: JobState, change: Callable[[Job], None] | None = None) -> Job:
         """Move the job to ``state`` (checked against :data:`TRANSITIONS`), applying ``change`` in the same write."""

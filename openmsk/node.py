@@ -16,18 +16,25 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from openmsk import __version__
+from openmsk import __version__, audit
 from openmsk.config import Settings, env_name
 from openmsk.managed.orthanc import ORTHANC_DIR, ManagedOrthanc, orthanc_binary
 from openmsk.managed.process import spawn, stop_all
 from openmsk.managed.redis import ManagedRedis
-from openmsk.stored_secrets import ensure_api_token, orthanc_credentials
+from openmsk.stored_secrets import (
+    API_TOKEN,
+    ORTHANC_PASSWORD,
+    ensure_api_token,
+    orthanc_credentials,
+    secret_path,
+)
 
 # The viewer serves the OHIF build on its own port: the build expects to live at its origin's root.
 SERVICES = ("scp", "worker", "web", "viewer")
 NODE_MODALITY = "openmsk"  # the node's name in Orthanc's DicomModalities
 RESTART_LIMIT = 5  # crashes of one service within RESTART_WINDOW_S before the node gives up
 RESTART_WINDOW_S = 60.0
+SHOW = "openmsk secrets show"  # how the banner tells a person to read a generated secret
 
 
 @dataclass
@@ -83,10 +90,15 @@ class Node:
             self._set("orthanc_url", self.orthanc.url)
             self._set("orthanc_user", user)
             self._set("orthanc_password", password)
-            made = " (generated, kept in DATA_DIR/secrets/orthanc_password)" if generated else ""
+            # Never the password itself: this output is the journal under systemd.
+            where = (
+                f"password in {secret_path(s, ORTHANC_PASSWORD)} (generated; show it: {SHOW} orthanc-password)"
+                if generated
+                else "password from OPENMSK_ORTHANC_PASSWORD"
+            )
             lines.append(
                 f"  Orthanc  {self.orthanc.url}  DICOM {s.orthanc_aet}@{s.orthanc_dicom_port}  "
-                f"user {user!r} password {password!r}{made}"
+                f"user {user!r}, {where}"
             )
         return lines
 
@@ -98,6 +110,8 @@ class Node:
         s.data_path.mkdir(parents=True, exist_ok=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
+        log = audit.AuditLog(s.data_path)
+        audit.application(log, started=True)
         try:
             lines = self.start_backing_services()
             for child in self.children:
@@ -106,6 +120,7 @@ class Node:
             return self._supervise()
         finally:
             self.shutdown()
+            audit.application(log, started=False)
 
     def _print_banner(self, lines: list[str]) -> None:
         s = self.settings
@@ -122,9 +137,14 @@ class Node:
                 "run `npm ci --omit=dev --ignore-scripts` in the checkout",
                 flush=True,
             )
-        token, generated = ensure_api_token(s)
+        _, generated = ensure_api_token(s)
         if generated:
-            print(f"  API      token {token!r} (generated, kept in DATA_DIR/secrets/api_token)", flush=True)
+            print(
+                f"  API      token in {secret_path(s, API_TOKEN)} (generated; show it: {SHOW} api-token)",
+                flush=True,
+            )
+        else:
+            print("  API      tokens from OPENMSK_API_TOKENS", flush=True)
         print(f"  Worker   1 process, device {s.device}", flush=True)
         print("Press Ctrl-C to stop.", flush=True)
 

@@ -31,6 +31,7 @@ from pynetdicom.sop_class import Verification
 
 from destinations import load_destinations
 from forwarder import Forwarder
+from openmsk import audit
 from openmsk.config import ConfigError, Settings, env_name
 from scp import fastpath
 from scp.completion import CompletionTracker, PendingSeries
@@ -125,6 +126,8 @@ class StorageSCP:
             forwarder=self.forwarder,
             archive_default=["orthanc"] if "orthanc" in destinations else [],
         )
+        self.audit = audit.AuditLog(self.data_dir)
+        self.dispatcher.jobs.audit = self.audit  # job-created lines of SCP jobs go to this node's audit log
         self._retry_dispatch: dict[str, tuple[PendingSeries, float]] = {}  # series UID -> (series, due)
         self.ae = self._make_ae()
         self.server: Any = None
@@ -250,10 +253,12 @@ class StorageSCP:
             LOG.warning(
                 "rejected %s from %s: called AE %r is not %s", calling, address, called, self.ae.ae_title
             )
+            self._audit_association(calling, called, address, "called-ae")
             reject(assoc, REJECT_CALLED_AE)
             return
         if not self.allowlist.permits(calling, address):
             LOG.warning("rejected %s from %s: calling AE/address not in the allowlist", calling, address)
+            self._audit_association(calling, called, address, "calling-ae")
             reject(assoc, REJECT_CALLING_AE)
             return
         if not self.disk.has_room():
@@ -263,9 +268,18 @@ class StorageSCP:
                 address,
                 self.settings.min_free_disk_mb,
             )
+            self._audit_association(calling, called, address, "no-space")
             reject(assoc, REJECT_NO_SPACE)
             return
         stats.accepted = True
+        self._audit_association(calling, called, address, None)
+
+    def _audit_association(
+        self, calling: str, called: str, address: str, rejected: audit.RejectReason | None
+    ) -> None:
+        audit.association(
+            self.audit, calling_ae=calling, called_ae=called, address=address, rejected=rejected
+        )
 
     def handle_echo(self, event: evt.Event) -> int:
         return SUCCESS
@@ -379,6 +393,14 @@ class StorageSCP:
             if self._stopping.is_set():
                 return
             for series in self.tracker.pop_complete():
+                audit.instances_received(
+                    self.audit,
+                    calling_ae=series.calling_ae,
+                    called_ae=series.called_ae,
+                    study_uid=series.study_uid,
+                    series_uid=series.series_uid,
+                    count=series.received,
+                )
                 self._retry_dispatch.pop(series.series_uid, None)  # newer instances: dispatch them now
                 self._dispatch(series)
             now = time.monotonic()

@@ -15,10 +15,12 @@ import redis
 from flask import Flask
 
 import web.context as context
+from openmsk.audit import AuditLog
 from openmsk.config import Settings, load_settings
 from openmsk.jobs import JobStore
 from openmsk.queue import make_broker
 from web.api import api as api_blueprint
+from web.audit_events import register_audit_events
 from web.auth import init_auth
 from web.errors import register_error_handlers
 from web.health import health as health_blueprint
@@ -39,7 +41,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config.update({context.SETTINGS: settings, "DEBUG": False, "PROPAGATE_EXCEPTIONS": False})
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
-    store = JobStore(client)
+    audit_log = AuditLog(settings.data_path)
+    store = JobStore(client, audit=audit_log)
     app.extensions.update(
         {
             context.REDIS: client,
@@ -49,6 +52,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         }
     )
     init_auth(app, settings)
+    register_audit_events(app, audit_log)
     register_security_headers(app, hsts=settings.web_secure_cookies)
     register_error_handlers(app)
     # Aliased: the package's own attributes `web.api` etc. must stay the modules.

@@ -30,6 +30,7 @@ import redis
 from flask import Flask, current_app, g, request, session
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from openmsk import audit
 from openmsk.config import ConfigError, Settings, env_name
 from openmsk.stored_secrets import API_TOKEN, WEB_SECRET_KEY, secret_path, stored_secret
 from web.errors import RequestError
@@ -41,6 +42,7 @@ SESSION_LIFETIME = timedelta(hours=12)
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 LOGIN_RATE_LIMIT = 10  # sign-in attempts per client address per minute
 WRONG_CREDENTIALS = "Wrong user name or password."
+AUDIT = "openmsk_audit"  # the app's openmsk.audit.AuditLog in app.extensions (web and viewer apps)
 
 
 def accepted_tokens(settings: Settings) -> list[str]:
@@ -174,6 +176,9 @@ def login_session(principal: str) -> None:
 
 
 def logout_session() -> None:
+    principal = session_principal()
+    if principal is not None and (log := current_app.extensions.get(AUDIT)) is not None:
+        audit.sign_out(log, principal=principal, address=request.remote_addr)
     session.clear()
 
 
@@ -184,6 +189,8 @@ def sign_in_from_form(client: redis.Redis) -> str | None:
     principal = credentials().login(request.form.get("user", "").strip(), request.form.get("password", ""))
     if principal is not None:
         login_session(principal)
+    if (log := current_app.extensions.get(AUDIT)) is not None:
+        audit.sign_in(log, principal=principal, address=request.remote_addr)
     return principal
 
 

@@ -15,6 +15,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("openmsk.web")
 
 THREADS = 8  # request threads of the web app (the viewer's proxy needs more: web.viewer)
+# A connection that sends nothing for this long is closed (checked every CLEANUP_INTERVAL_S). Waitress reads
+# bodies without a thread, so a slow client holds a socket, never a request thread; this frees the socket.
+IDLE_TIMEOUT_S = 60
+CLEANUP_INTERVAL_S = 10
 
 
 def run_until_signal(
@@ -29,6 +33,8 @@ def run_until_signal(
         ident="openmsk",
         max_request_body_size=max_body,
         expose_tracebacks=False,
+        channel_timeout=IDLE_TIMEOUT_S,
+        cleanup_interval=CLEANUP_INTERVAL_S,
     )
 
     def shut_down(*_: object) -> None:

@@ -23,10 +23,13 @@ app's ``/health`` does not depend on the viewer at all.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import threading
+import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -44,16 +47,20 @@ from flask import (
     render_template,
     request,
     send_from_directory,
+    session,
     url_for,
 )
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException, NotFound
 
+from openmsk import audit
 from openmsk.config import REPO_DIR, Settings, load_settings
 from openmsk.viewer_links import study_link as study_link  # re-exported: the pages and the tests use it
 from openmsk.viewer_links import viewer_base
 from web.auth import (
+    AUDIT,
     CSRF_FIELD,
+    SESSION_LIFETIME,
     WRONG_CREDENTIALS,
     bearer_principal,
     check_csrf,
@@ -76,6 +83,8 @@ OWN_PREFIX = "/openmsk"  # the node's own routes on the viewer origin: sign-in, 
 DATA_SOURCE = "openmsk"
 THREADS = 16  # OHIF keeps up to ~25 requests in flight; each proxied one holds a thread while it streams
 CHUNK = 256 * 1024
+VIEWED = "openmsk_viewed_studies"  # app.extensions: the ViewedStudies of the audit trail
+VIEWED_LIMIT = 10_000
 ORTHANC_TIMEOUT_S = (5, 120)  # connect, read (between chunks)
 # Request headers the proxy passes on to Orthanc (everything else, Authorization and Cookie above all, stays).
 FORWARD_REQUEST = ("Accept", "Range", "If-None-Match", "If-Modified-Since", "If-Range")
@@ -336,6 +345,8 @@ def proxy(rest: str) -> ResponseReturnValue:
             "Orthanc refused the node's credentials.",
             "Check OPENMSK_ORTHANC_USER and OPENMSK_ORTHANC_PASSWORD.",
         )
+    if 200 <= upstream.status_code < 300 and request.method == "GET":
+        _audit_study(request.path, request.args)
     kept = {name: upstream.headers[name] for name in FORWARD_RESPONSE if name in upstream.headers}
 
     def body() -> Iterator[bytes]:
@@ -349,6 +360,55 @@ def proxy(rest: str) -> ResponseReturnValue:
     response = Response(body(), status=upstream.status_code, headers=kept, direct_passthrough=True)
     response.call_on_close(upstream.close)
     return response
+
+
+class ViewedStudies:
+    """Which (session, study) pairs have had their audit line, so a study is one line per session, not one
+    per frame. Kept in memory for :data:`SESSION_LIFETIME` (a session cannot outlive it) and bounded: past
+    :data:`VIEWED_LIMIT` pairs the oldest are forgotten (at worst a study is audited again)."""
+
+    def __init__(self, ttl_s: float = SESSION_LIFETIME.total_seconds(), limit: int = VIEWED_LIMIT) -> None:
+        self.ttl_s, self.limit = ttl_s, limit
+        self._seen: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+
+    def first(self, session_key: str, study_uid: str) -> bool:
+        """True the first time ``study_uid`` is seen in ``session_key`` (within the TTL)."""
+        now = time.monotonic()
+        key = (session_key, study_uid)
+        with self._lock:
+            seen = self._seen.get(key)
+            if seen is not None and now - seen < self.ttl_s:
+                return False
+            self._seen.pop(key, None)
+            self._seen[key] = now
+            while len(self._seen) > self.limit:
+                self._seen.pop(next(iter(self._seen)))
+            return True
+
+
+def requested_study(path: str, args: Mapping[str, str]) -> str | None:
+    """The Study Instance UID a proxied request reads: ``/dicom-web/studies/<uid>/...`` or WADO-URI's
+    ``studyUID``; None for searches (QIDO without a study) and anything else."""
+    parts = path.split("/")
+    if len(parts) >= 4 and parts[1] == "dicom-web" and parts[2] == "studies" and parts[3]:
+        return parts[3]
+    if parts[1:2] == ["wado"]:
+        return args.get("studyUID") or None
+    return None
+
+
+def _audit_study(path: str, args: Mapping[str, str]) -> None:
+    study = requested_study(path, args)
+    if study is None:
+        return
+    principal = g.get("principal")
+    # A browser session is told apart by its CSRF token (random per sign-in); a script by its principal.
+    session_key = hashlib.sha256(str(session.get("csrf") or principal).encode()).hexdigest()
+    if current_app.extensions[VIEWED].first(session_key, study):
+        audit.study_viewed(
+            current_app.extensions[AUDIT], principal=principal, address=request.remote_addr, study_uid=study
+        )
 
 
 def _viewer_headers(response: Response) -> Response:
@@ -393,6 +453,7 @@ def create_viewer_app(settings: Settings | None = None) -> Flask:
     app.extensions.update(
         openmsk_redis=redis.Redis.from_url(settings.redis_url, socket_timeout=5),
         openmsk_orthanc_session=orthanc,
+        **{AUDIT: audit.AuditLog(settings.data_path), VIEWED: ViewedStudies()},
     )
     init_auth(app, settings)
     app.register_blueprint(viewer)
