@@ -29,6 +29,8 @@ from enum import IntEnum
 import numpy as np
 from numpy.typing import NDArray
 
+from openmsk.regions import REGIONS_BY_NAME
+
 F32 = NDArray[np.float32]
 Mask = NDArray[np.bool_]
 
@@ -72,6 +74,8 @@ class KneeParams:
     scale: float
     thickness_mm: dict[str, float]  # femoral/medial_tibial/lateral_tibial/patellar cartilage
     oblique_deg: float
+    # Follow-up visits: cartilage thinned by this many mm in these subregions (openmsk.regions names).
+    thinning_mm: tuple[tuple[str, float], ...] = ()
 
     @property
     def medial_sign(self) -> float:
@@ -112,11 +116,13 @@ class Grid:
 
 @dataclass(frozen=True)
 class Sampled:
-    """The anatomy sampled on a grid: labels (0–9) and the tissue class behind each voxel's MR signal."""
+    """The anatomy sampled on a grid: labels (0–9), the tissue class behind each voxel's MR signal and the
+    cartilage subregion of each cartilage voxel (:func:`sample_subregions`, 0 elsewhere)."""
 
     grid: Grid
     labels: NDArray[np.uint8]
     tissue: NDArray[np.uint8]
+    regions: NDArray[np.uint8]
 
 
 def knee_params(seed: int, laterality: str) -> KneeParams:
@@ -313,6 +319,18 @@ class _Layout:
     cz: float  # height of the condyles' centres
     a_pat: float  # the patella's centre (anterior, up)
     u_pat: float
+    thinning: tuple[tuple[str, float], ...] = ()  # follow-up: mm taken off the sheet, per subregion name
+
+    def thinned(self, name: str) -> float:
+        """How much thinner than nominal the cartilage of subregion *name* is (mm)."""
+        return sum(mm for region, mm in self.thinning if region == name)
+
+    def thinning_table(self) -> NDArray[np.float32]:
+        """Thinning (mm) indexed by subregion label."""
+        table = np.zeros(256, dtype=np.float32)
+        for name, mm in self.thinning:
+            table[REGIONS_BY_NAME[name].label] += mm
+        return table
 
     @classmethod
     def of(cls, knee: KneeParams) -> _Layout:
@@ -333,6 +351,7 @@ class _Layout:
             cz=zfb + 24 * s,
             a_pat=20 * s + tf + 2 * gap + tp + 10 * s,
             u_pat=zfb + 38 * s,
+            thinning=tuple(knee.thinning_mm),
         )
 
 
@@ -408,8 +427,13 @@ def _femur(slab: _Slab, d: _Layout, film: Mask) -> _Part:
     notch = (np.abs(m) < 8 * s) & (a < 6 * s)  # the intercondylar notch carries no cartilage
     condylar = (u < cz + 2 * s) & (np.abs(m) < 30 * s) & ~notch  # not on the epicondylar side walls
     trochlear = (a > 8 * s) & (u < zfb + 48 * s) & (np.abs(m) < 26 * s)
-    fem_cart = (d_fem > 0) & (d_fem <= tf) & (condylar | trochlear)
-    del notch, condylar, trochlear
+    tf_here = (
+        tf - d.thinning_table()[_femoral_region(m, a, _analytic_landmarks(d))]
+        if d.thinning
+        else np.float32(tf)
+    )
+    fem_cart = (d_fem > 0) & (d_fem <= tf_here) & (condylar | trochlear)
+    del notch, condylar, trochlear, tf_here
     film[fem_sl] |= d_fem < tf + 1.0
     return fem_sl, {"fem_cart": fem_cart, "fem": d_fem <= 0, "fem_inner": d_fem > -1.0}
 
@@ -456,8 +480,14 @@ def _plateau(slab: _Slab, d: _Layout, film: Mask) -> _Part:
     q_med = np.sqrt(nm_med**2 + na_med**2)
     q_lat = np.sqrt(nm_lat**2 + na_lat**2)
     on_bone = above > 0
-    med_tc = on_bone & (above <= tm) & (q_med < 0.95)
-    lat_tc = on_bone & (above <= tl) & (q_lat < 0.95)
+    if d.thinning:
+        table = d.thinning_table()
+        tm_here = tm - table[_tibial_region(a, _analytic_landmarks(d), medial=True)]
+        tl_here = tl - table[_tibial_region(a, _analytic_landmarks(d), medial=False)]
+    else:
+        tm_here, tl_here = np.float32(tm), np.float32(tl)
+    med_tc = on_bone & (above <= tm_here) & (q_med < 0.95)
+    lat_tc = on_bone & (above <= tl_here) & (q_lat < 0.95)
 
     # Menisci: a wedge (height rising from 0 at the inner edge to the rim), C-shaped: open toward the
     # eminence, wider open medially (C) than laterally (nearly O).
@@ -480,9 +510,152 @@ def _patella(slab: _Slab, d: _Layout, film: Mask) -> _Part:
         return None, {}
     m, a, u = slab.at(pat_sl)
     d_pat = _ellipsoid(m + 3 * s, a - a_pat, u - u_pat, 21 * s, 10 * s, 22 * s)
-    pat_cart = (d_pat > 0) & (d_pat <= tp) & (a < a_pat - 2 * s) & (np.abs(u - u_pat) < 17 * s)
+    tp_here = (
+        tp - d.thinning_table()[_patellar_region(m, _analytic_landmarks(d))] if d.thinning else np.float32(tp)
+    )
+    pat_cart = (d_pat > 0) & (d_pat <= tp_here) & (a < a_pat - 2 * s) & (np.abs(u - u_pat) < 17 * s)
     film[pat_sl] |= d_pat < tp + 1.0
     return pat_sl, {"pat_cart": pat_cart, "pat": d_pat <= 0, "pat_inner": d_pat > -1.0}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Cartilage subregions, from the phantom's own geometry (independent of worker/subregions.py, which finds the
+# same landmarks in a label map without knowing the anatomy). The rule, in local coordinates:
+#
+# * femoral: medial | lateral at the notch's centre (m = 0: the notch is |m| < 8s); anterior in front of the
+#   trochlear notch (the most posterior femoral cartilage within the notch, |m| < 8s); weight-bearing from
+#   there back over WEIGHT_BEARING_FRACTION of the distance to the condyle's most posterior cartilage;
+#   posterior behind;
+# * tibial: thirds of each plateau's extent along a;
+# * patellar: medial | lateral at the patella's midline (m = -3s; its sheet is symmetric about it).
+#
+# The landmarks come from the truth labels' exact local coordinates (:func:`label_landmarks`), so that they are
+# those of the sampled sheets, whose ends lie up to a voxel inside the analytic ones on a coarse grid. The
+# follow-up thinning is applied while sampling, before labels exist, with the analytic landmarks
+# (:func:`_analytic_landmarks`); the two differ by less than a voxel.
+
+#: Share of the notch → posterior-end distance that is weight-bearing (pymskt, Eckstein/Wirth cMF/cLF).
+WEIGHT_BEARING_FRACTION = 0.6
+
+
+@dataclass(frozen=True)
+class Landmarks:
+    """Where the subregion boundaries lie, local mm: see the rule above."""
+
+    trochlear_notch_a: float
+    medial_posterior_a: float
+    lateral_posterior_a: float
+    medial_plateau_a: tuple[float, float]  # (posterior end, anterior end)
+    lateral_plateau_a: tuple[float, float]
+    patella_midline_m: float
+
+
+def _analytic_landmarks(d: _Layout) -> Landmarks:
+    s = d.s
+    # Ellipsoid poles of the condyles (exact for _ellipsoid at the axis extremes) plus the sheet there;
+    # plateau cartilage fills its compartment ellipse out to q = 0.95.
+    return Landmarks(
+        trochlear_notch_a=6 * s,
+        medial_posterior_a=-(8 * s + 30 * s) - (d.tf - d.thinned("femoral_medial_posterior")),
+        lateral_posterior_a=-(6 * s + 29 * s) - (d.tf - d.thinned("femoral_lateral_posterior")),
+        medial_plateau_a=(-3 * s - 0.95 * 21 * s, -3 * s + 0.95 * 21 * s),
+        lateral_plateau_a=(-2 * s - 0.95 * 17 * s, -2 * s + 0.95 * 17 * s),
+        patella_midline_m=-3 * s,
+    )
+
+
+def label_landmarks(labels: NDArray[np.uint8], m: F32, a: F32, knee: KneeParams) -> Landmarks:
+    """The landmarks of the sampled cartilage (*labels* at local *m*, *a*); analytic where a sheet is absent."""
+    d = _Layout.of(knee)
+    analytic = _analytic_landmarks(d)
+
+    def lowest(sel: Mask, default: float) -> float:
+        return float(a[sel].min()) if sel.any() else default
+
+    def extent(sel: Mask, default: tuple[float, float]) -> tuple[float, float]:
+        return (float(a[sel].min()), float(a[sel].max())) if sel.any() else default
+
+    femoral = labels == 4
+    return Landmarks(
+        trochlear_notch_a=lowest(femoral & (np.abs(m) < 8 * d.s), analytic.trochlear_notch_a),
+        medial_posterior_a=lowest(femoral & (m > 0), analytic.medial_posterior_a),
+        lateral_posterior_a=lowest(femoral & (m <= 0), analytic.lateral_posterior_a),
+        medial_plateau_a=extent(labels == 5, analytic.medial_plateau_a),
+        lateral_plateau_a=extent(labels == 6, analytic.lateral_plateau_a),
+        patella_midline_m=analytic.patella_midline_m,
+    )
+
+
+def _region_label(name: str) -> int:
+    return REGIONS_BY_NAME[name].label
+
+
+def _femoral_region(m: F32, a: F32, lm: Landmarks) -> NDArray[np.uint8]:
+    medial = m > 0
+    notch = lm.trochlear_notch_a
+    boundary = np.where(
+        medial,
+        notch + WEIGHT_BEARING_FRACTION * (lm.medial_posterior_a - notch),
+        notch + WEIGHT_BEARING_FRACTION * (lm.lateral_posterior_a - notch),
+    )
+    central = np.where(
+        medial, _region_label("femoral_medial_central"), _region_label("femoral_lateral_central")
+    )
+    posterior = np.where(
+        medial, _region_label("femoral_medial_posterior"), _region_label("femoral_lateral_posterior")
+    )
+    return np.where(
+        a > notch, _region_label("femoral_anterior"), np.where(a >= boundary, central, posterior)
+    ).astype(np.uint8)
+
+
+def _tibial_region(a: F32, lm: Landmarks, *, medial: bool) -> NDArray[np.uint8]:
+    lo, hi = lm.medial_plateau_a if medial else lm.lateral_plateau_a
+    third = (hi - lo) / 3.0
+    side = "medial" if medial else "lateral"
+    return np.where(
+        a > hi - third,
+        _region_label(f"{side}_tibial_anterior"),
+        np.where(
+            a >= lo + third,
+            _region_label(f"{side}_tibial_central"),
+            _region_label(f"{side}_tibial_posterior"),
+        ),
+    ).astype(np.uint8)
+
+
+def _patellar_region(m: F32, lm: Landmarks) -> NDArray[np.uint8]:
+    return np.where(
+        m > lm.patella_midline_m, _region_label("patellar_medial"), _region_label("patellar_lateral")
+    ).astype(np.uint8)
+
+
+def subregion_of(labels: NDArray[np.uint8], m: F32, a: F32, lm: Landmarks) -> NDArray[np.uint8]:
+    """The subregion label of cartilage voxels with tissue *labels* (4-7) at local (m, a); 0 elsewhere."""
+    out = np.zeros(labels.shape, dtype=np.uint8)
+    for value in (4, 5, 6, 7):
+        sel = labels == value
+        if not sel.any():
+            continue
+        if value == 4:
+            out[sel] = _femoral_region(m[sel], a[sel], lm)
+        elif value == 7:
+            out[sel] = _patellar_region(m[sel], lm)
+        else:
+            out[sel] = _tibial_region(a[sel], lm, medial=value == 5)
+    return out
+
+
+def sample_subregions(labels: NDArray[np.uint8], grid: Grid, knee: KneeParams) -> NDArray[np.uint8]:
+    """The truth subregion map of *labels* sampled on *grid*: the rule above at each cartilage voxel."""
+    origin, steps = _local_axes(grid, knee)
+    voxels = np.argwhere((labels >= 4) & (labels <= 7))
+    local = (origin + voxels @ steps).astype(np.float32)
+    tissue = labels[tuple(voxels.T)]
+    m, a = local[:, 0], local[:, 1]
+    regions = np.zeros(labels.shape, dtype=np.uint8)
+    regions[tuple(voxels.T)] = subregion_of(tissue, m, a, label_landmarks(tissue, m, a, knee))
+    return regions
 
 
 def _soft_tissue(slab: _Slab, d: _Layout, labels: NDArray[np.uint8], film: Mask) -> NDArray[np.uint8]:
@@ -584,4 +757,4 @@ def sample_anatomy(grid: Grid, knee: KneeParams) -> Sampled:
     else:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(work, slabs))
-    return Sampled(grid=grid, labels=labels, tissue=tissue)
+    return Sampled(grid=grid, labels=labels, tissue=tissue, regions=sample_subregions(labels, grid, knee))

@@ -43,11 +43,12 @@ def phantom_uid(*parts: object) -> str:
     return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
 
 
-def _patient(seed: int) -> dict[str, str]:
-    """A synthetic patient for *seed*: name, ID, birth date, sex, and a study date they were scanned on."""
+def _patient(seed: int, visit: int = 0) -> dict[str, str]:
+    """A synthetic patient for *seed*: name, ID, birth date, sex, and a study date they were scanned on
+    (*visit* years after the baseline visit; the time of day is the same)."""
     rng = np.random.default_rng([seed, 4])  # stream 4: demographics
     birth = dt.date(int(rng.integers(1945, 2001)), int(rng.integers(1, 13)), int(rng.integers(1, 29)))
-    study = dt.date(2024, 1, 1) + dt.timedelta(days=int(rng.integers(0, 366)))
+    study = dt.date(2024, 1, 1) + dt.timedelta(days=int(rng.integers(0, 366)) + 365 * visit)
     age = study.year - birth.year - ((study.month, study.day) < (birth.month, birth.day))
     return {
         "name": f"PHANTOM^KNEE{seed}",
@@ -60,22 +61,31 @@ def _patient(seed: int) -> dict[str, str]:
     }
 
 
-def series_meta(seed: int, size: str, orientation: str, laterality: str, grid: Grid) -> dict[str, Any]:
-    """Identity of one phantom series: UIDs, patient, and the grid directions written to DICOM."""
+def series_meta(
+    seed: int, size: str, orientation: str, laterality: str, grid: Grid, *, visit: int = 0
+) -> dict[str, Any]:
+    """Identity of one phantom series: UIDs, patient, and the grid directions written to DICOM.
+
+    A later *visit* is a new study of the same patient: every UID differs from the baseline's (the baseline
+    keeps the UIDs it always had), the patient is the same.
+    """
     nz = grid.shape[2]
+    # Visit 0 names its UIDs without a visit part, so baseline UIDs stay what they were before visits existed.
+    key: tuple[object, ...] = (seed, laterality) if visit == 0 else (seed, laterality, "visit", visit)
     uids = {
-        "study": phantom_uid(seed, laterality, "study"),
-        "frame_of_reference": phantom_uid(seed, laterality, "frame"),
-        "series": phantom_uid(seed, laterality, size, orientation, "series"),
-        "sop_instances": [phantom_uid(seed, laterality, size, orientation, "sop", k) for k in range(nz)],
+        "study": phantom_uid(*key, "study"),
+        "frame_of_reference": phantom_uid(*key, "frame"),
+        "series": phantom_uid(*key, size, orientation, "series"),
+        "sop_instances": [phantom_uid(*key, size, orientation, "sop", k) for k in range(nz)],
     }
     return {
+        "visit": visit,
         "seed": seed,
         "size": size,
         "orientation": orientation,
         "laterality": laterality,
         "uids": uids,
-        "patient": _patient(seed),
+        "patient": _patient(seed, visit),
         "series_description": _SERIES_DESCRIPTION[orientation],
         "series_number": _SERIES_NUMBER[orientation],
         "row_direction": grid.row_dir.tolist(),
@@ -123,8 +133,11 @@ def _base_dataset(phantom: Phantom) -> dict[str, Any]:
         "StudyDate": pat["study_date"],
         "StudyTime": pat["study_time"],
         "ReferringPhysicianName": "",
-        "StudyID": "1",
-        "AccessionNumber": f"PH{meta['seed']:08d}"[:16],
+        "StudyID": str(meta.get("visit", 0) + 1),
+        # each visit is its own order; the baseline keeps the number it always had
+        "AccessionNumber": (f"PH{meta['seed']:08d}" + (f"V{meta['visit']}" if meta.get("visit") else ""))[
+            :16
+        ],
         "StudyDescription": "MRI KNEE PHANTOM",
         # General Series
         "Modality": "MR",

@@ -15,19 +15,33 @@ import numpy as np
 from numpy.typing import NDArray
 
 from openmsk.phantom import LABELS
-from openmsk.phantom.anatomy import Grid, KneeParams
+from openmsk.phantom.anatomy import WEIGHT_BEARING_FRACTION, Grid, KneeParams
 from openmsk.phantom.contrast import contrast_params
+from openmsk.regions import REGIONS
 
 if TYPE_CHECKING:
     from openmsk.phantom import Phantom
 
+REGION_RULE = (
+    "from the phantom's construction in knee-local coordinates: femoral medial | lateral at the notch centre, "
+    "anterior in front of the trochlear notch, weight-bearing over "
+    f"{WEIGHT_BEARING_FRACTION:g} of the notch-to-posterior-end distance of each condyle, posterior behind "
+    "(pymskt / Eckstein-Wirth); tibial thirds of each plateau's anterior-posterior extent; patellar medial | "
+    "lateral at the sheet's midline"
+)
 VOXEL_ORDER = "[i, j, k]: i = column (along the DICOM row direction), j = row, k = slice (along the normal)"
 
 
 def compute_truth(
-    labels: NDArray[np.uint8], grid: Grid, knee: KneeParams, size: str, orientation: str
+    labels: NDArray[np.uint8],
+    grid: Grid,
+    knee: KneeParams,
+    size: str,
+    orientation: str,
+    *,
+    regions: NDArray[np.uint8] | None = None,
 ) -> dict[str, Any]:
-    """The truth.json content for *labels* sampled on *grid*."""
+    """The truth.json content for *labels* (and the subregion map *regions*) sampled on *grid*."""
     voxel_mm3 = float(grid.spacing[0] * grid.spacing[1] * grid.spacing[2])
     counts = np.bincount(labels.ravel(), minlength=max(LABELS) + 1)
     aff = grid.affine_lps
@@ -70,7 +84,35 @@ def compute_truth(
     }
     if orientation == "oblique":
         truth["oblique_deg"] = knee.oblique_deg
+    if regions is not None:
+        truth.update(region_truth(regions, knee, voxel_mm3))
     return truth
+
+
+def region_truth(regions: NDArray[np.uint8], knee: KneeParams, voxel_mm3: float) -> dict[str, Any]:
+    """Per-subregion truth: voxels and volume of the phantom's own subregion map, and the sheet thickness it
+    was built with there (the nominal thickness of its cartilage less any follow-up thinning).
+
+    ``baseline_thickness_mm`` is the thickness at the baseline visit, so a follow-up's truth lists both.
+    """
+    counts = np.bincount(regions.ravel(), minlength=256)
+    thinned = dict(knee.thinning_mm)
+    out: dict[str, Any] = {}
+    for label, region in REGIONS.items():
+        nominal = knee.thickness_mm[region.parent.name]
+        out[region.name] = {
+            "label": label,
+            "tissue": region.parent.name,
+            "voxels": int(counts[label]),
+            "volume_mm3": int(counts[label]) * voxel_mm3,
+            "thickness_mm": round(nominal - thinned.get(region.name, 0.0), 4),
+            "baseline_thickness_mm": nominal,
+        }
+    return {
+        "regions": out,
+        "region_rule": REGION_RULE,
+        "thinning_mm": {name: mm for name, mm in knee.thinning_mm},
+    }
 
 
 def nifti_affine(affine_lps: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -78,17 +120,24 @@ def nifti_affine(affine_lps: NDArray[np.float64]) -> NDArray[np.float64]:
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
 
 
-def write_labels_nifti(phantom: Phantom, path: str | Path) -> Path:
-    """Save the labels as uint8 NIfTI with scanner-anatomical qform and sform."""
+def write_labels_nifti(
+    phantom: Phantom,
+    path: str | Path,
+    labels: NDArray[np.uint8] | None = None,
+    intent_name: str = "openmsk labels",
+) -> Path:
+    """Save the labels (or another map on the phantom's grid, *labels*) as uint8 NIfTI with
+    scanner-anatomical qform and sform."""
     import nibabel as nib
 
     path = Path(path)
     aff = nifti_affine(phantom.affine_lps)
-    img = nib.Nifti1Image(np.asarray(phantom.labels, dtype=np.uint8), aff)
+    data = phantom.labels if labels is None else labels
+    img = nib.Nifti1Image(np.asarray(data, dtype=np.uint8), aff)
     img.header.set_xyzt_units("mm")
     img.set_qform(aff, code=1)
     img.set_sform(aff, code=1)
-    img.header.set_intent("label", name="openmsk labels")
+    img.header.set_intent("label", name=intent_name)
     nib.save(img, str(path))
     return path
 
