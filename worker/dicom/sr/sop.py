@@ -176,6 +176,7 @@ def write_sr(
     evidence = [seg]
     reported_regions: list[str] = []
     changes: list[str] = []
+    rnumbers: dict[str, int] = {}
     if region_seg is not None:
         rseg = _load_seg(region_seg)
         _check_source(rseg, source_series_uid)
@@ -205,26 +206,41 @@ def write_sr(
             if group is not None:
                 groups.append(group)
                 reported_regions.append(name)
-        change = measurements.get("change") or {}
-        if change.get("comparable"):
-            prior_date = _iso_date(str((change.get("prior") or {}).get("study_date") or ""))
-            for name in sorted(change.get("regions") or {}, key=lambda n: REGIONS_BY_NAME[n].label):
-                if name not in rnumbers:
-                    continue
-                group = change_group(
-                    REGION_KINDS[REGIONS_BY_NAME[name].label],
-                    change["regions"][name],
-                    prior_date,
-                    rseg,
-                    rnumbers[name],
-                    source_series_uid,
-                    laterality,
-                    tracking("tracking-change", name),
-                    analysis_algorithm,
-                )
-                if group is not None:
-                    groups.append(group)
-                    changes.append(name)
+    change = measurements.get("change") or {}
+    if change.get("comparable"):
+        prior_date = _iso_date(str((change.get("prior") or {}).get("study_date") or ""))
+        # Where each changed name's segment is: cartilages in the tissue SEG, subregions in the region SEG.
+        targets: dict[str, tuple[Any, Dataset, int]] = {
+            name: (TISSUE_KINDS[BY_NAME[name].label], seg, numbers[name])
+            for name in numbers
+            if name in BY_NAME
+        }
+        if region_seg is not None:
+            targets |= {
+                name: (REGION_KINDS[REGIONS_BY_NAME[name].label], rseg, rnumbers[name])
+                for name in rnumbers
+                if name in REGIONS_BY_NAME
+            }
+        for name in sorted(
+            change.get("regions") or {}, key=lambda n: targets[n][0].label if n in targets else 0
+        ):
+            if name not in targets:
+                continue
+            kind, target_seg, number = targets[name]
+            group = change_group(
+                kind,
+                change["regions"][name],
+                prior_date,
+                target_seg,
+                number,
+                source_series_uid,
+                laterality,
+                tracking("tracking-change", name),
+                analysis_algorithm,
+            )
+            if group is not None:
+                groups.append(group)
+                changes.append(name)
 
     observer = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
