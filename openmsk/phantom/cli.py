@@ -45,6 +45,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="image plane; oblique is sagittal turned 15-20 degrees about the superior axis",
     )
     parser.add_argument("--laterality", choices=LATERALITIES, default="R", help="knee side (default R)")
+    parser.add_argument(
+        "--echoes",
+        choices=("qdess", "mese"),
+        help="write a multi-echo series instead, with known T2 per tissue in truth.json: qdess (two echoes, "
+        "GE spoiler tags) or mese (7 echoes, TE 10-70 ms); Rician noise at SNR 40",
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -60,6 +66,15 @@ def run(args: argparse.Namespace) -> int:
     """Generate and write the phantom described by *args*; print where it went. Returns the exit code."""
     from openmsk.phantom import generate, write_series
 
+    if args.echoes:
+        from openmsk.phantom.echoes import generate_echoes, write_echo_series
+
+        echo = generate_echoes(args.echoes, args.seed, args.size, args.orientation, args.laterality)
+        paths = write_echo_series(echo, args.out_dir)
+        print(
+            f"{args.echoes} phantom: {len(echo.echo_times_ms)} echoes in {paths['dicom_dir']}, truth {paths['truth']}"
+        )
+        return 0
     phantom = generate(
         seed=args.seed, size=args.size, orientation=args.orientation, laterality=args.laterality
     )
