@@ -47,8 +47,20 @@ import numpy as np
 from numpy.typing import NDArray
 
 from openmsk.labels import TISSUES, Tissue
+from openmsk.regions import MEASURED, NOT_MEASURABLE, REGIONS
+from worker.subregions import REGION_METHOD, WEIGHT_BEARING_FRACTION, NoFrame, assign_regions
 
-__all__ = ["THICKNESS_METHOD", "UNITS", "VOLUME_METHOD", "analyse", "cartilage_thickness"]
+__all__ = [
+    "THICKNESS_METHOD",
+    "UNITS",
+    "VOLUME_METHOD",
+    "FaceThickness",
+    "analyse",
+    "analyse_with_regions",
+    "cartilage_thickness",
+    "face_thickness",
+    "thickness_statistics",
+]
 
 UNITS = {"volume": "mm3", "thickness": "mm"}
 VOLUME_METHOD = "voxel count × voxel volume (product of the voxel spacings)"
@@ -142,10 +154,44 @@ def cartilage_thickness(
     thickness in voxels along the normal). *box* is the cartilage's bounding box if the caller has it
     (``scipy.ndimage.find_objects``), to save a pass.
 
+    The per-face values behind it come from :func:`face_thickness`; :func:`thickness_statistics` summarises
+    them, for the whole sheet as here or for a subregion of it.
+    """
+    faces = face_thickness(labels, spacing, cartilage, bone, box=box)
+    return None if faces is None else thickness_statistics(faces)
+
+
+class FaceThickness(NamedTuple):
+    """The thickness of one cartilage sheet face by face, before it is summarised.
+
+    One entry per bone–cartilage interface face: the cartilage voxel across it (full-grid index, to split the
+    faces by subregion), its area projected onto the bone surface and whether it is measured (away from the
+    sheet's edge); ``thickness`` and ``extent`` (the voxel size along the normal, mm) for the measured faces
+    only, in the same order.
+    """
+
+    cartilage_voxels: NDArray[np.int64]
+    weight: NDArray[np.float64]
+    kept: NDArray[np.bool_]
+    thickness: NDArray[np.float64]
+    extent: NDArray[np.float64]
+
+
+def face_thickness(
+    labels: NDArray[Any],
+    spacing: Sequence[float],
+    cartilage: int,
+    bone: int,
+    *,
+    box: tuple[slice, ...] | None = None,
+) -> FaceThickness | None:
+    """The per-face thickness of label *cartilage* over label *bone* (None if it does not touch the bone).
+
     The steps: the region a ray from the bone can reach (:func:`_reachable_region`), the bone–cartilage
     interface faces with their normals and areas (:func:`_interface`), one ray per face (:func:`_cast_rays`),
-    the faces away from the sheet's edge (:func:`_interior_faces`), and the smoothed, area-weighted statistics
-    (:func:`_statistics`).
+    the faces away from the sheet's edge (:func:`_interior_faces`), and the thickness smoothed over the
+    interface (:func:`_smooth_over_interface`). Smoothing the whole sheet once and splitting afterwards
+    gives a subregion the same values near its boundary as the sheet has there.
     """
     from scipy import ndimage as ndi
 
@@ -164,7 +210,42 @@ def cartilage_thickness(
         return None
     raw = _cast_rays(cart, faces, sp)
     keep = _interior_faces(labels.shape, crop, bone_mask, cart, faces, raw, sp)
-    return _statistics(faces, raw, keep, cart.shape, sp)
+    thickness = _smooth_over_interface(
+        faces.bone_voxels[keep], raw[keep], faces.weight[keep], cart.shape, sp, smoothing_sigma_mm(sp)
+    )
+    # Voxel extent along each normal: 1 / |n / spacing| (equals the spacing for a normal along an axis).
+    extent = 1.0 / np.linalg.norm(faces.normal_mm[keep] / sp, axis=1)
+    across = faces.bone_voxels.copy()
+    rows = np.arange(len(across))
+    across[rows, faces.face_axis] += faces.face_side
+    across += np.array([c.start for c in crop])
+    return FaceThickness(across, faces.weight, keep, thickness, extent)
+
+
+def thickness_statistics(
+    faces: FaceThickness, select: NDArray[np.bool_] | None = None
+) -> dict[str, Any] | None:
+    """Area-weighted statistics of the measured faces among *select* (a mask over all faces; all if None).
+
+    The dict of :func:`cartilage_thickness`; None when no measured face is selected.
+    """
+    chosen = faces.kept if select is None else faces.kept & select
+    if not chosen.any():
+        return None
+    among_kept = chosen[faces.kept]
+    thickness = faces.thickness[among_kept]
+    w = faces.weight[chosen]
+    mean = float(np.average(thickness, weights=w))
+    area = faces.weight.sum() if select is None else faces.weight[select].sum()
+    return {
+        "mean": mean,
+        "median": _weighted_quantile(thickness, w, 0.5),
+        "std": float(np.sqrt(np.average((thickness - mean) ** 2, weights=w))),
+        "p95": _weighted_quantile(thickness, w, 0.95),
+        "samples": int(chosen.sum()),
+        "interface_area_mm2": float(area),
+        "voxels_across": _weighted_quantile(thickness / faces.extent[among_kept], w, 0.5),
+    }
 
 
 class _Faces(NamedTuple):
@@ -314,33 +395,6 @@ def _interior_faces(
         edge_mm = np.minimum(_edge_distance(bare_points * sp, bone_voxels * sp, np.inf), border_mm)
         keep = edge_mm >= _weighted_quantile(edge_mm, weight, 1.0 - _MIN_KEPT_FRACTION)
     return keep
-
-
-def _statistics(
-    faces: _Faces,
-    raw: NDArray[np.float64],
-    keep: NDArray[np.bool_],
-    shape: tuple[int, ...],
-    sp: NDArray[np.float64],
-) -> dict[str, Any]:
-    """The kept faces' thickness smoothed over the interface, as area-weighted statistics."""
-    w = faces.weight[keep]
-    thickness = _smooth_over_interface(
-        faces.bone_voxels[keep], raw[keep], w, shape, sp, smoothing_sigma_mm(sp)
-    )
-
-    mean = float(np.average(thickness, weights=w))
-    # Voxel extent along each normal: 1 / |n / spacing| (equals the spacing for a normal along an axis).
-    extent = 1.0 / np.linalg.norm(faces.normal_mm[keep] / sp, axis=1)
-    return {
-        "mean": mean,
-        "median": _weighted_quantile(thickness, w, 0.5),
-        "std": float(np.sqrt(np.average((thickness - mean) ** 2, weights=w))),
-        "p95": _weighted_quantile(thickness, w, 0.95),
-        "samples": int(keep.sum()),
-        "interface_area_mm2": float(faces.weight.sum()),
-        "voxels_across": _weighted_quantile(thickness / extent, w, 0.5),
-    }
 
 
 def _smooth_over_interface(
@@ -526,6 +580,13 @@ def _trace_to(
 
 
 def analyse(labels: NDArray[Any], spacing: Sequence[float]) -> dict[str, Any]:
+    """:func:`analyse_with_regions` without the subregion map: the measurements only."""
+    return analyse_with_regions(labels, spacing)[0]
+
+
+def analyse_with_regions(
+    labels: NDArray[Any], spacing: Sequence[float]
+) -> tuple[dict[str, Any], NDArray[np.uint8] | None]:
     """Volumes of the tissues present in *labels* and thickness of the cartilage sheets among them.
 
     Parameters
@@ -537,13 +598,16 @@ def analyse(labels: NDArray[Any], spacing: Sequence[float]) -> dict[str, Any]:
 
     Returns
     -------
-    dict
-        JSON-serialisable: ``units``, ``spacing_mm``, ``voxel_volume_mm3``, ``method`` (the volume and
-        thickness methods in words, with their parameters) and ``tissues``, keyed by tissue name in label
-        order, for the tissues present only: ``label``, ``display_name``, ``voxels``, ``volume_mm3`` and, for
-        cartilage, ``thickness_mm`` (see :func:`cartilage_thickness`; ``None`` when the cartilage does not
-        touch its bone). Labels that are not in the tissue table are counted under ``unknown_labels`` and
-        otherwise ignored.
+    tuple[dict, numpy.ndarray | None]
+        The measurements, JSON-serialisable: ``units``, ``spacing_mm``, ``voxel_volume_mm3``, ``method``
+        (the volume, thickness and subregion methods in words, with their parameters), ``tissues``, keyed by
+        tissue name in label order, for the tissues present only: ``label``, ``display_name``, ``voxels``,
+        ``volume_mm3`` and, for cartilage, ``thickness_mm`` (see :func:`cartilage_thickness`; ``None`` when
+        the cartilage does not touch its bone) and ``interface_area_mm2``; and ``regions``, every subregion
+        of :data:`openmsk.regions.REGIONS` by name (:func:`_region_entries`), with ``region_frame`` (the
+        anatomical frame and landmarks). Labels that are not in the tissue table are counted under
+        ``unknown_labels`` and otherwise ignored. Second, the subregion label map (uint8, the shape of
+        *labels*), or None when the knee's frame could not be built (each region then says why).
     """
     from scipy import ndimage as ndi
 
@@ -566,6 +630,7 @@ def analyse(labels: NDArray[Any], spacing: Sequence[float]) -> dict[str, Any]:
             counts[index + 1] = np.count_nonzero(small[box] == index + 1)
 
     tissues: dict[str, Any] = {}
+    faces: dict[int, FaceThickness | None] = {}
     for value, tissue in TISSUES.items():
         n = int(counts[value])
         if n == 0:
@@ -577,7 +642,10 @@ def analyse(labels: NDArray[Any], spacing: Sequence[float]) -> dict[str, Any]:
             "volume_mm3": n * voxel_mm3,
         }
         if tissue.is_cartilage:
-            entry["thickness_mm"] = _thickness_or_none(small, sp, tissue, boxes[value - 1], counts)
+            faces[value] = _faces_or_none(small, sp, tissue, boxes[value - 1], counts)
+            stats = None if faces[value] is None else thickness_statistics(faces[value])
+            entry["thickness_mm"] = stats
+            entry["interface_area_mm2"] = None if stats is None else stats["interface_area_mm2"]
         tissues[tissue.name] = entry
     unknown = {int(v): int(counts[v]) for v in np.nonzero(counts)[0] if v != 0 and v not in TISSUES}
     result: dict[str, Any] = {
@@ -596,19 +664,109 @@ def analyse(labels: NDArray[Any], spacing: Sequence[float]) -> dict[str, Any]:
         },
         "tissues": tissues,
     }
+    result["method"]["regions"] = REGION_METHOD
+    result["method"]["region_parameters"] = {
+        "weight_bearing_fraction": WEIGHT_BEARING_FRACTION,
+        "tibial_parts": 3,
+        "min_faces": MIN_REGION_FACES,
+        "min_voxels_across": MIN_VOXELS_ACROSS,
+    }
+    try:
+        region_map, frame = assign_regions(small, sp, boxes)
+    except NoFrame as exc:
+        region_map, frame, why = None, None, str(exc)
+    else:
+        why = None
+    result["regions"] = _region_entries(region_map, frame, why, faces, tissues, voxel_mm3)
+    if frame is not None:
+        result["region_frame"] = {k: v for k, v in frame.items() if k != "voxels"}
     if unknown:
         result["unknown_labels"] = unknown
-    return result
+    return result, region_map
 
 
-def _thickness_or_none(
+#: A subregion's thickness needs at least this many measured interface faces.
+MIN_REGION_FACES = 10
+#: Below this many voxels across (median along the normal) a sheet's local thickness is not resolved.
+MIN_VOXELS_ACROSS = 1.2
+
+
+def _region_entries(
+    region_map: NDArray[np.uint8] | None,
+    frame: dict[str, Any] | None,
+    why: str | None,
+    faces: dict[int, FaceThickness | None],
+    tissues: dict[str, Any],
+    voxel_mm3: float,
+) -> dict[str, Any]:
+    """One measurement entry per subregion (the shape of :data:`openmsk.regions.MEASUREMENT_KEYS`).
+
+    A value that could not be measured is None, with ``status`` "not measurable" and the ``reason``: no
+    anatomical frame (*why*), no cartilage in the region, no bone interface, too few measured faces, or a
+    sheet about one voxel thick (the volume is still given then: it is exact for the label map).
+    """
+    out: dict[str, Any] = {}
+    region_of_face: dict[int, NDArray[np.uint8]] = {}
+    for label, region in REGIONS.items():
+        entry: dict[str, Any] = {
+            "label": label,
+            "display_name": region.display_name,
+            "tissue": region.parent.name,
+            "voxels": None,
+            "volume_mm3": None,
+            "thickness_mm": None,
+            "interface_area_mm2": None,
+            "status": NOT_MEASURABLE,
+            "reason": None,
+        }
+        out[region.name] = entry
+        if region_map is None or frame is None:
+            entry["reason"] = why
+            continue
+        n = int(frame["voxels"].get(label, 0))
+        if n == 0:
+            entry["reason"] = (
+                f"no {region.parent.display_name.lower()} segmented"
+                if region.parent.name not in tissues
+                else "no cartilage segmented in this subregion"
+            )
+            continue
+        entry["voxels"] = n
+        entry["volume_mm3"] = n * voxel_mm3
+        sheet = faces.get(region.tissue)
+        if sheet is None:
+            entry["reason"] = "the cartilage does not touch its bone: no thickness"
+            continue
+        if region.tissue not in region_of_face:
+            region_of_face[region.tissue] = region_map[tuple(sheet.cartilage_voxels.T)]
+        select = region_of_face[region.tissue] == label
+        entry["interface_area_mm2"] = float(sheet.weight[select].sum()) if select.any() else None
+        stats = thickness_statistics(sheet, select)
+        if stats is None or stats["samples"] < MIN_REGION_FACES:
+            measured = 0 if stats is None else stats["samples"]
+            entry["reason"] = (
+                f"too small to measure thickness ({measured} interface faces away from its edge)"
+            )
+            continue
+        if stats["voxels_across"] < MIN_VOXELS_ACROSS:
+            entry["reason"] = (
+                f"about one voxel thick along its normal ({stats['voxels_across']:.2f} voxels): "
+                "thickness not resolved, volume only"
+            )
+            continue
+        entry["thickness_mm"] = stats
+        entry["status"] = MEASURED
+    return out
+
+
+def _faces_or_none(
     labels: NDArray[np.uint8],
     sp: NDArray[np.float64],
     tissue: Tissue,
     box: tuple[slice, ...] | None,
     counts: NDArray[np.int64],
-) -> dict[str, Any] | None:
+) -> FaceThickness | None:
     assert tissue.bone is not None
     if box is None or counts[tissue.bone] == 0:
         return None
-    return cartilage_thickness(labels, sp, tissue.label, tissue.bone, box=box)
+    return face_thickness(labels, sp, tissue.label, tissue.bone, box=box)

@@ -22,7 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from openmsk.managed.process import die_with_parent
-from worker.analysis import analyse
+from worker.analysis import analyse_with_regions
 
 log = logging.getLogger("openmsk.worker")
 
@@ -50,14 +50,17 @@ def _reset() -> None:
 
 
 class Analysis:
-    """One analysis under way; :meth:`result` gives the measurements (as :func:`worker.analysis.analyse`)."""
+    """One analysis under way; :meth:`result` gives the measurements (as :func:`worker.analysis.analyse`),
+    after which :attr:`region_map` holds the cartilage subregion map (None when the knee's frame could not
+    be built; the measurements say why)."""
 
     def __init__(self, labels: NDArray[Any], spacing: Sequence[float]) -> None:
         self._labels = labels
         self._spacing = tuple(float(s) for s in spacing)
-        self._future: Future[dict[str, Any]] | None
+        self._future: Future[tuple[dict[str, Any], NDArray[np.uint8] | None]] | None
+        self.region_map: NDArray[np.uint8] | None = None
         try:
-            self._future = _executor().submit(analyse, np.asarray(labels), self._spacing)
+            self._future = _executor().submit(analyse_with_regions, np.asarray(labels), self._spacing)
         except (BrokenProcessPool, RuntimeError, OSError) as exc:
             log.warning("analysis process unavailable (%s): analysing in this thread", exc)
             _reset()
@@ -66,11 +69,13 @@ class Analysis:
     def result(self) -> dict[str, Any]:
         if self._future is not None:
             try:
-                return self._future.result()
+                measurements, self.region_map = self._future.result()
+                return measurements
             except BrokenProcessPool as exc:
                 log.warning("analysis process lost (%s): analysing in this thread", exc)
                 _reset()
-        return analyse(self._labels, self._spacing)
+        measurements, self.region_map = analyse_with_regions(self._labels, self._spacing)
+        return measurements
 
 
 def start_analysis(labels: NDArray[Any], spacing: Sequence[float]) -> Analysis:

@@ -148,6 +148,11 @@ def segment_volume(
     progress("analyse", 0.0)
     measurements = analysis.result()
     outputs.measurements = measurements
+    if analysis.region_map is not None:
+        # The subregions (openmsk.regions labels) in a file of their own; labels.nii.gz keeps the tissues.
+        regions_path = out_dir / "regions.nii.gz"
+        write_labels_nifti(analysis.region_map, volume.affine_lps, regions_path)
+        outputs.files.append(regions_path)
     if t2 and isinstance(volume, MultiEchoVolume):
         # T2 before the report and SR, so both carry its statistics; missing parameters are a warning.
         t2_out = run_t2(

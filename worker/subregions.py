@@ -302,6 +302,7 @@ def assign_regions(
     out = np.zeros(labels.shape, dtype=np.uint8)
     bin_mm = 1.01 * float(max(frame.spacing))  # every bin holds a voxel centre along any direction
     info: dict[str, Any] = {
+        "voxels": {},  # voxels per region label
         "axes": {
             name: [round(float(v), 6) for v in row]
             for name, row in zip(("medial", "anterior", "superior"), frame.axes, strict=True)
@@ -334,4 +335,7 @@ def assign_regions(
                 coords[:, 0] > centre, _label("patellar_medial"), _label("patellar_lateral")
             ).astype(np.uint8)
         out[tuple(voxels.T)] = values
+        counts = np.bincount(values, minlength=256)
+        for label in np.nonzero(counts)[0]:
+            info["voxels"][int(label)] = int(counts[label])
     return out, info
