@@ -22,6 +22,7 @@ import io
 import os
 import shutil
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,7 +99,7 @@ def volume_kind(path: Path) -> str | None:
         try:
             with gzip.open(path, "rb") as handle:
                 head, kind = handle.read(560), "nii.gz"
-        except (OSError, EOFError):
+        except (OSError, EOFError, zlib.error):  # a damaged deflate stream is zlib.error, not OSError
             return None
     elif head.startswith(b"NRRD000"):
         fields = _nrrd_header(path)
