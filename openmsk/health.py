@@ -1,8 +1,8 @@
 """The node's health: what ``GET /health`` reports, computed from live checks, never from assumptions.
 
 ``healthy`` needs Redis, at least one worker with a fresh heartbeat, Orthanc (when one is configured), enough
-free disk and at least one usable model. Redis down makes the node ``unhealthy``; anything else missing makes it
-``degraded``. Only ``healthy`` answers HTTP 200.
+free disk, at least one usable model and the object store (when one is configured). Redis down makes the node
+``unhealthy``; anything else missing makes it ``degraded``. Only ``healthy`` answers HTTP 200.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import requests
 from openmsk.config import Settings
 from openmsk.heartbeat import live_workers
 from openmsk.models.registry import RegistryError, model_statuses
+from openmsk.objectstore import ObjectStore, StorageError, store_for
 
 AVAILABLE = "available"
 
@@ -41,6 +42,17 @@ def _orthanc_status(settings: Settings) -> str:
     return AVAILABLE
 
 
+def _storage_status(settings: Settings, objects: ObjectStore | None) -> str:
+    """The object store's answer (``"local"`` without one: DATA_DIR is the store)."""
+    if not settings.storage_url:
+        return "local"
+    try:
+        (objects or store_for(settings)).check()
+    except StorageError as exc:
+        return f"unavailable: {exc}"
+    return AVAILABLE
+
+
 def _gpu_status(workers: list[dict[str, Any]]) -> str:
     if not workers:
         return "unknown (no worker)"
@@ -48,7 +60,9 @@ def _gpu_status(workers: list[dict[str, Any]]) -> str:
     return ", ".join(gpus) if gpus else "none (cpu)"
 
 
-def check_health(settings: Settings, client: redis.Redis) -> dict[str, Any]:
+def check_health(
+    settings: Settings, client: redis.Redis, objects: ObjectStore | None = None
+) -> dict[str, Any]:
     """Run every check once and return the report (``status`` is healthy, degraded or unhealthy)."""
     redis_state = _redis_status(client)
     workers = live_workers(client, settings.worker_stale_s) if redis_state == AVAILABLE else []
@@ -56,6 +70,7 @@ def check_health(settings: Settings, client: redis.Redis) -> dict[str, Any]:
         AVAILABLE if workers else f"unavailable: no heartbeat in the last {settings.worker_stale_s:g} s"
     )
     orthanc_state = _orthanc_status(settings)
+    storage_state = _storage_status(settings, objects)
     data = settings.data_path
     free = shutil.disk_usage(data if data.exists() else data.parent).free
     disk_ok = free >= settings.min_free_disk_mb * 1024 * 1024
@@ -69,6 +84,7 @@ def check_health(settings: Settings, client: redis.Redis) -> dict[str, Any]:
     elif (
         worker_state != AVAILABLE
         or orthanc_state not in (AVAILABLE, "not configured")
+        or storage_state not in (AVAILABLE, "local")
         or not disk_ok
         or not any(m["status"] == "ok" for m in models)
     ):
@@ -89,6 +105,7 @@ def check_health(settings: Settings, client: redis.Redis) -> dict[str, Any]:
             for w in workers
         ],
         "orthanc": orthanc_state,
+        "storage": storage_state,
         "gpu": _gpu_status(workers),
         "disk": {"free_bytes": free, "status": "ok" if disk_ok else "low"},
         "models": models,

@@ -175,6 +175,9 @@ class Job(BaseModel):
     results: list[ResultInstance] = Field(
         default_factory=list, description="the DICOM results to deliver, recorded when the pipeline ends"
     )
+    waiting: str = Field(
+        "", description="why the job waits, when it waits for something other than a free worker (one line)"
+    )
     deliveries: dict[str, Delivery] = Field(default_factory=dict)
     provenance: Provenance = Field(default_factory=Provenance)
     idempotency_key: str | None = None
@@ -291,7 +294,9 @@ class JobStore:
                 series_uid=job.series_uid,
                 count=job.instance_count,
                 model=job.model,
-                error_code=job.error.code.value if job.error and job.state is JobState.FAILED else None,
+                error_code=(job.error.code.value if job.error else "FAILED")
+                if job.state is JobState.FAILED
+                else None,
             )
 
     def transition(self, job_id: str, state: JobState, change: Callable[[Job], None] | None = None) -> Job:

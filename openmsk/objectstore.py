@@ -151,6 +151,32 @@ class ObjectStore(abc.ABC):
     def _checksum(self, rel: str) -> str | None:
         """The SHA-256 recorded for ``rel`` (None: none recorded); ObjectMissing if there is no object."""
 
+    #: Whether the store is the DATA_DIR itself (nothing to upload or fetch on a single host).
+    shared_disk: ClassVar[bool] = False
+
+    def upload(self, rels: list[str], data_dir: Path) -> int:
+        """Store each ``data_dir/<rel>`` as ``rel`` unless an object of the same size is there already.
+
+        For what never changes under its name (received instances, named by SOP Instance UID; uploads, named
+        by their upload id): one listing per folder instead of one request per file when a job's input is
+        published again (a second model, a retry). Returns how many files were stored.
+        """
+        stored = 0
+        listed: dict[str, dict[str, int]] = {}
+        for rel in rels:
+            folder = check_rel(rel).rpartition("/")[0]
+            if folder not in listed:
+                listed[folder] = self._sizes(_folder(folder))
+            local = Path(data_dir) / rel
+            try:
+                size = local.stat().st_size
+            except OSError:
+                raise ObjectMissing(f"{local} does not exist: nothing to store as {rel}") from None
+            if listed[folder].get(rel) != size:
+                self.put_file(rel, local)
+                stored += 1
+        return stored
+
     def put_tree(self, rel_folder: str, local_folder: Path) -> list[str]:
         """Store every file under ``local_folder`` as ``rel_folder/<its relative path>``; returns those paths."""
         base = check_rel(rel_folder)
@@ -194,8 +220,16 @@ class ObjectStore(abc.ABC):
 class LocalStore(ObjectStore):
     """The single-host store: DATA_DIR itself. Storing is a no-op; fetching checks (or copies) the file."""
 
+    shared_disk: ClassVar[bool] = True
+
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = Path(data_dir)
+
+    def upload(self, rels: list[str], data_dir: Path) -> int:
+        """Nothing to do when the files are in DATA_DIR already (the single-host case)."""
+        if Path(data_dir).resolve() == self.data_dir.resolve():
+            return 0
+        return super().upload(rels, data_dir)
 
     def _path(self, rel: str) -> Path:
         return self.data_dir / check_rel(rel)

@@ -47,6 +47,7 @@ from forwarder import Forwarder
 from openmsk.atomic import write_atomic
 from openmsk.forwarding import ForwardOrder, instances_digest
 from openmsk.jobs import Job, JobNotFound, JobState, JobStore, latest_key
+from openmsk.objectstore import LocalStore, ObjectStore, StorageError
 from openmsk.spool import RecordFolder
 from scp.completion import PendingSeries
 from scp.routing import Decision, RoutingRules, SeriesInfo
@@ -164,6 +165,7 @@ class Dispatcher:
         on_queued: Callable[[Job], None] | None = None,
         forwarder: Forwarder | None = None,
         archive_default: list[str] | None = None,
+        objects: ObjectStore | None = None,
     ) -> None:
         from openmsk.queue import make_broker
 
@@ -172,6 +174,10 @@ class Dispatcher:
         self.rules = rules
         self.forwarder = forwarder
         self.archive_default = list(archive_default or [])
+        # Where workers read a job's input: DATA_DIR itself on one host, else an object store (published to
+        # before the job is queued, so a worker on another host finds every instance it names).
+        self.objects = objects or LocalStore(data_dir)
+        self.store_up = True
         self.ledger = Ledger(data_dir)
         self.outbox = Outbox(data_dir)
         # Fail fast while Redis is down (the outbox retries); the default client would retry with back-off.
@@ -315,6 +321,9 @@ class Dispatcher:
         with self._drain_lock:
             waiting = self.outbox.jobs()
             for index, job in enumerate(waiting):
+                if not self._publish(job):
+                    self._wake.set()
+                    return len(waiting) - index
                 try:
                     self.submit(job)
                 except REDIS_ERRORS as exc:
@@ -333,6 +342,32 @@ class Dispatcher:
                 LOG.info("Redis reachable again; spooled jobs queued")
             self.redis_up = True
             return 0
+
+    def _publish(self, job: Job) -> bool:
+        """Put the job's input into the object store (a no-op on one host); False while the store is down.
+
+        The job then stays in the outbox and is tried again like one waiting for Redis: nothing is lost, and
+        no worker is sent a job whose instances it could not fetch.
+        """
+        if self.objects.shared_disk:
+            return True
+        rels = [f"{job.input_path}/{uid}{SUFFIX}" for uid in job.sop_uids]
+        try:
+            stored = self.objects.upload(rels, self.data_dir)
+        except StorageError as exc:
+            if self.store_up:
+                LOG.warning(
+                    "object store unavailable (%s); job %s waits in %s", exc, job.id, self.outbox.root
+                )
+            self.store_up = False
+            return False
+        if not self.store_up:
+            LOG.info("object store reachable again; waiting jobs published")
+        self.store_up = True
+        LOG.info(
+            "job %s: %d of %d instance(s) stored in %s", job.id, stored, len(rels), self.objects.describe()
+        )
+        return True
 
     def start(self) -> None:
         """Start the thread that retries the outbox while Redis is unreachable (and drains it at start-up)."""

@@ -33,6 +33,7 @@ from destinations import load_destinations
 from forwarder import Forwarder
 from openmsk import audit
 from openmsk.config import ConfigError, Settings, env_name
+from openmsk.objectstore import store_for
 from scp import fastpath
 from scp.completion import CompletionTracker, PendingSeries
 from scp.dispatch import Dispatcher, DispatchResult
@@ -125,6 +126,7 @@ class StorageSCP:
             settings.redis_url,
             forwarder=self.forwarder,
             archive_default=["orthanc"] if "orthanc" in destinations else [],
+            objects=store_for(settings),
         )
         self.audit = audit.AuditLog(self.data_dir)
         self.dispatcher.jobs.audit = self.audit  # job-created lines of SCP jobs go to this node's audit log

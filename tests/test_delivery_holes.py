@@ -121,4 +121,5 @@ def test_a_failed_dispatch_is_retried_on_a_timer(
         spool.unlink()
         spool.mkdir()
         wait_for(lambda: store.count() == 1, 30, "the series queued by the retry")
+        wait_for(lambda: scp.completed, 10, "the retried dispatch recorded")  # appended just after queueing
         assert len(scp.completed) == 1 and scp.completed[0].series.instances == len(files)

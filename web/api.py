@@ -14,7 +14,7 @@ import web.jobview as jobview
 from openmsk.atomic import atomic_file
 from openmsk.jobs import JobState
 from web.auth import authenticate_api, client_key
-from web.context import broker, durations, settings, store
+from web.context import broker, durations, objects, settings, store
 from web.errors import RequestError
 from web.jobview import MAX_PER_PAGE, PER_PAGE, job_detail, job_page, load_job, parse_page, parse_state
 from web.security import check_rate
@@ -38,7 +38,7 @@ INLINE = {"preview.png"}  # shown in the job page; everything else downloads
 def create_job() -> ResponseReturnValue:
     """Multipart upload (field ``file``, optional ``model`` and ``series_uid``) → 202 with the job's id."""
     check_rate(store().redis, "upload", client_key(), settings().upload_rate_limit)
-    job = submit(request.environ, settings(), store(), broker())
+    job = submit(request.environ, settings(), store(), broker(), objects=objects())
     status_url = url_for("api.get_job", job_id=job.id)
     body = {"id": job.id, "status_url": status_url, "page_url": url_for("pages.job", job_id=job.id)}
     return jsonify(body), 202, {"Location": status_url}

@@ -14,6 +14,7 @@ from flask import current_app
 from openmsk.config import Settings
 from openmsk.forwarding import ForwardOutbox, ForwardStates
 from openmsk.jobs import JobStore
+from openmsk.objectstore import ObjectStore, store_for
 from web.stats import RecentDurations
 
 SETTINGS = "OPENMSK_SETTINGS"  # in app.config
@@ -21,6 +22,7 @@ REDIS = "openmsk_redis"  # the rest in app.extensions
 STORE = "openmsk_store"
 BROKER = "openmsk_broker"
 DURATIONS = "openmsk_durations"
+OBJECTS = "openmsk_objects"
 
 
 def settings() -> Settings:
@@ -51,3 +53,11 @@ def forward_states() -> ForwardStates:
 def forward_outbox() -> ForwardOutbox:
     """The forward orders waiting on disk (``DATA_DIR/forward/``)."""
     return ForwardOutbox(settings().data_path)
+
+
+def objects() -> ObjectStore:
+    """Where the workers find inputs and leave outputs: DATA_DIR itself, or the object store (made once)."""
+    found = current_app.extensions.get(OBJECTS)
+    if found is None:
+        found = current_app.extensions[OBJECTS] = store_for(settings())
+    return found

@@ -23,6 +23,7 @@ from openmsk.heartbeat import live_workers
 from openmsk.jobs import STAGES, Delivery, Job, JobNotFound, JobState
 from openmsk.labels import TISSUES
 from web.errors import RequestError
+from web.outputs import ensure_outputs
 from web.retention import expires_at
 from web.stats import eta_seconds, queue_position
 
@@ -41,6 +42,7 @@ MAX_PER_PAGE = 100
 
 def output_files(job: Job, settings: Settings) -> dict[str, Path]:
     """The job's files still on disk, by base name: the only names a URL can ask for."""
+    ensure_outputs(job)  # made by a worker on another host: fetched from the object store first
     found: dict[str, Path] = {}
     for relative in job.files:
         path = (settings.data_path / relative).resolve()
@@ -181,6 +183,8 @@ def detail(
         },
         "expires_at": expires_at(job, settings),
         "attempts": job.attempts,
+        "waiting": job.waiting or None,
+        "input_via": job.input_via or None,
     }
 
 

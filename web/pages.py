@@ -29,7 +29,7 @@ from web.auth import (
     session_principal,
     sign_in_from_form,
 )
-from web.context import broker, durations, settings, store
+from web.context import broker, durations, objects, settings, store
 from web.errors import RequestError
 from web.jobview import PER_PAGE, job_detail, job_page, load_job, parse_page, parse_state
 from web.security import check_rate
@@ -98,7 +98,7 @@ def upload_form() -> ResponseReturnValue:
         check_csrf(form.get(CSRF_FIELD))
 
     try:
-        job = submit(request.environ, settings(), store(), broker(), check_form)
+        job = submit(request.environ, settings(), store(), broker(), check_form, objects=objects())
     except RequestError as exc:
         models, models_error = _models()
         page = render_template(

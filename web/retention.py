@@ -23,6 +23,7 @@ import redis
 
 from openmsk.config import Settings
 from openmsk.jobs import INDEX_STATE, KEY_PREFIX, Job, JobNotFound, JobState, JobStore
+from openmsk.objectstore import ObjectStore, StorageError, store_for
 
 log = logging.getLogger("openmsk.web.retention")
 
@@ -50,8 +51,15 @@ class CleanupReport:
     orphans: int = 0
 
 
-def _remove_job_files(settings: Settings, job_id: str) -> bool:
+def _remove_job_files(settings: Settings, job_id: str, objects: ObjectStore | None = None) -> bool:
     removed = False
+    if objects is not None and not objects.shared_disk:
+        # The object store's copies go with the local ones (workers' fetch caches evict on their own).
+        for prefix in (f"uploads/{job_id}", f"jobs/{job_id}"):
+            try:
+                removed = objects.delete_prefix(prefix) > 0 or removed
+            except StorageError as exc:
+                log.warning("retention: %s not removed from the object store: %s", prefix, exc)
     for folder in (settings.data_path / "uploads" / job_id, settings.data_path / "jobs" / job_id):
         if folder.exists():
             shutil.rmtree(folder, ignore_errors=True)
@@ -59,7 +67,9 @@ def _remove_job_files(settings: Settings, job_id: str) -> bool:
     return removed
 
 
-def cleanup(settings: Settings, store: JobStore, now: float | None = None) -> CleanupReport:
+def cleanup(
+    settings: Settings, store: JobStore, now: float | None = None, objects: ObjectStore | None = None
+) -> CleanupReport:
     """One retention pass; returns what it removed. Safe to run concurrently (removal is idempotent)."""
     now = time.time() if now is None else now
     cutoff = now - retention_s(settings)
@@ -78,7 +88,7 @@ def cleanup(settings: Settings, store: JobStore, now: float | None = None) -> Cl
             expiry = expires_at(job, settings)
             if expiry is None or expiry > now:
                 continue
-            if _remove_job_files(settings, job_id):
+            if _remove_job_files(settings, job_id, objects):
                 report.jobs += 1
             store.update(job_id, lambda j: setattr(j, "files", []))
     uploads = data / "uploads"
@@ -101,6 +111,7 @@ class RetentionThread(threading.Thread):
     def __init__(self, settings: Settings, store: JobStore) -> None:
         super().__init__(name="openmsk-retention", daemon=True)
         self.settings, self.store = settings, store
+        self.objects = store_for(settings)
         self.interval_s = min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, retention_s(settings) / 10))
         self.stopped = threading.Event()
 
@@ -109,7 +120,7 @@ class RetentionThread(threading.Thread):
             try:
                 # One web process per interval does the pass; the lock expires on its own.
                 if self.store.redis.set(LOCK_KEY, "1", nx=True, ex=max(1, int(self.interval_s * 0.9))):
-                    cleanup(self.settings, self.store)
+                    cleanup(self.settings, self.store, objects=self.objects)
             except (redis.RedisError, OSError) as exc:
                 log.warning("retention pass skipped: %s", type(exc).__name__)
             self.stopped.wait(self.interval_s)

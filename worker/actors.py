@@ -29,6 +29,7 @@ from worker.errors import JobFailure
 from worker.inputs import load_input, load_series_instances
 from worker.models.segmenter import Segmenter, load_segmenter
 from worker.pipeline import Outputs, overall_percent, segment_volume
+from worker.transfer import JobTransfer
 
 log = logging.getLogger("openmsk.worker")
 
@@ -56,6 +57,12 @@ def segmenter_for(name: str) -> Segmenter:
     return load_segmenter(entry, settings().device)
 
 
+@cache
+def transfer() -> JobTransfer:
+    """The object store and this worker's fetch cache (DATA_DIR itself on one host)."""
+    return JobTransfer(settings())
+
+
 def job_output_dir(job: Job) -> Path:
     return settings().data_path / "jobs" / job.id / "output"
 
@@ -74,6 +81,9 @@ def segment_job(job_id: str) -> None:
         jobs.progress(job_id, stage, overall_percent(stage, fraction))
 
     progress("load", 0.0)
+    via = transfer().ensure_input(jobs, job)
+    if job.input_via != via:
+        jobs.update(job_id, lambda j: setattr(j, "input_via", via))
     source = settings().data_path / job.input_path
     volume = load_series_instances(source, job.sop_uids) if job.source == "scp" else load_input(source)
     progress("load", 1.0)
@@ -92,6 +102,7 @@ def segment_job(job_id: str) -> None:
         dicom_outputs=bool(volume.sources),
         t2=job.t2,
     )
+    transfer().publish_outputs(jobs, job, job_output_dir(job))
     jobs.transition(job_id, JobState.DELIVERING, lambda j: _record_outputs(j, outputs, segmenter))
     deliver_job.send(job_id)
 
@@ -144,6 +155,7 @@ def deliver_job(job_id: str) -> None:
     jobs = store()
     job = jobs.get(job_id)
     jobs.progress(job_id, "deliver", overall_percent("deliver", 0.0))
+    transfer().ensure_results(jobs, job)
     files = [settings().data_path / result.path for result in job.results]
     sop_uids = [result.sop_instance_uid for result in job.results]
     missing = [path.name for path in files if not path.is_file()]

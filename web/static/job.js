@@ -44,6 +44,7 @@
     if (job.stage && !["done", "failed"].includes(job.state)) line += " · " + job.stage;
     if (job.queue_position) line += " · position " + job.queue_position + " in the queue";
     if (job.eta_seconds !== null && job.eta_seconds !== undefined) line += " · about " + duration(job.eta_seconds) + " left";
+    if (job.waiting) line += " · waiting: " + job.waiting;
     text.textContent = line;
     transfers(job);
     job.stages.forEach(function (stage) {

@@ -33,6 +33,7 @@ from openmsk.config import Settings
 from openmsk.forwarding import ForwardOrder, ForwardOutbox
 from openmsk.jobs import ErrorCode, Job, JobState, JobStore
 from openmsk.models.registry import RegistryError, model_statuses
+from openmsk.objectstore import LocalStore, ObjectStore, StorageError
 from openmsk.queue import enqueue_job
 from web.errors import RequestError
 from web.upload.inspect import StoredInput, store_input
@@ -113,17 +114,43 @@ def forward_order(settings: Settings, folder: Path, stored: StoredInput) -> Forw
     )
 
 
+def publish_input(objects: ObjectStore, settings: Settings, input_path: str) -> None:
+    """Put an upload's stored input (a series folder or one volume file) where a worker on any host finds it.
+
+    Raises a 503 :class:`RequestError` while the store cannot take it: the upload is refused whole.
+    """
+    if objects.shared_disk:
+        return
+    local = settings.data_path / input_path
+    try:
+        if local.is_dir():
+            objects.put_tree(input_path, local)
+        else:
+            objects.put_file(input_path, local)
+    except StorageError as exc:
+        log.warning("upload input %s not stored: %s", input_path, exc)
+        raise RequestError(
+            503,
+            "STORAGE_UNAVAILABLE",
+            "The node's object store cannot take the upload right now.",
+            "Upload the files again in a few minutes; the node's /health shows the store's state.",
+        ) from None
+
+
 def submit(
     environ: dict[str, Any],
     settings: Settings,
     store: JobStore,
     broker: RedisBroker,
     check_form: Callable[[MultiDict[str, str]], None] | None = None,
+    objects: ObjectStore | None = None,
 ) -> Job:
     """Receive one upload, store its input, create the job, order its images archived, and queue it.
 
     ``check_form`` runs on the parsed form before anything is inspected (the pages check their CSRF field
     there). Any refusal removes the upload folder before the error propagates, so nothing is left behind.
+    ``objects`` is where workers read inputs: with an object store the stored input is put there before the
+    job exists (a store that is down refuses the upload with 503, nothing kept).
     """
     job_id, folder = new_upload_folder(settings)
     order: ForwardOrder | None = None
@@ -148,6 +175,7 @@ def submit(
             series_uid=stored.series_uid,
             sop_uids=stored.sop_uids,
         )
+        publish_input(objects or LocalStore(settings.data_path), settings, job.input_path)
         store.create(job)  # received: no worker sees it before it is queued
         if order is not None:
             outbox = ForwardOutbox(settings.data_path)
