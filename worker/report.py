@@ -2,8 +2,10 @@
 
 ``report.json`` holds everything needed to interpret the numbers without the code: the measurements per
 tissue, the methods in words with their parameters, the units and the provenance (model, versions, source
-series UIDs, timings) that the caller passes. ``report.csv`` has one row per tissue and measure (volume;
-thickness mean, median, std and 95th percentile for cartilage), long format, so a spreadsheet can pivot it.
+series UIDs, timings) that the caller passes, and the same entries per cartilage subregion (``regions``,
+with ``status`` and the ``reason`` a region was not measurable; its values are then null, never 0).
+``report.csv`` has one row per tissue or subregion and measure (volume; interface area; thickness — and
+T2 where measured — mean, median, std and 95th percentile), long format, so a spreadsheet can pivot it.
 
 The provenance is written as given: callers pass identifiers of the run (UIDs, model, job id), never patient
 names or IDs, because these files are shown in the web UI and may be downloaded.
@@ -21,12 +23,18 @@ from typing import Any
 
 from openmsk.atomic import write_atomic
 from openmsk.labels import BY_NAME
+from openmsk.regions import MEASUREMENT_KEYS, REGIONS_BY_NAME
 
-__all__ = ["CSV_COLUMNS", "REPORT_SCHEMA", "THICKNESS_KEYS", "csv_rows", "write_report"]
+__all__ = ["CSV_COLUMNS", "REPORT_SCHEMA", "STATISTIC_KEYS", "THICKNESS_KEYS", "csv_rows", "write_report"]
 
-REPORT_SCHEMA = "openmsk.knee-report/1"
-CSV_COLUMNS = ("tissue", "label", "display_name", "measure", "statistic", "value", "unit")
-THICKNESS_KEYS = ("mean", "median", "std", "p95")
+#: /2 added ``regions`` (cartilage subregions, same entry shape as the tissues), ``region_frame``, the
+#: tissues' ``interface_area_mm2`` and, in report.csv, the ``region`` and ``status`` columns and the
+#: ``interface_area`` (and any other statistics, e.g. ``t2``) rows; every /1 key is still there.
+REPORT_SCHEMA = "openmsk.knee-report/2"
+CSV_COLUMNS = ("tissue", "label", "display_name", "measure", "statistic", "value", "unit", "region", "status")
+#: The statistics of a statistics dict (``thickness_mm``, ``t2_ms``) that become report.csv rows, in order.
+STATISTIC_KEYS = ("mean", "median", "std", "p95")
+THICKNESS_KEYS = STATISTIC_KEYS  # the /1 name
 
 
 def _plain(value: Any) -> Any:
@@ -44,9 +52,42 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _measure_and_unit(key: str) -> tuple[str, str]:
+    """``volume_mm3`` -> (``volume``, ``mm3``): the measurement keys end in their unit."""
+    measure, _, unit = key.rpartition("_")
+    return measure, unit
+
+
+def _entry_rows(
+    base: Mapping[str, Any], entry: Mapping[str, Any], *, always_volume: bool
+) -> list[dict[str, Any]]:
+    """Rows of one measurement entry: scalars (volume, interface area) then every statistics dict."""
+    rows: list[dict[str, Any]] = []
+    for key in MEASUREMENT_KEYS:
+        if key in ("status", "reason") or key not in entry:
+            continue
+        value = entry[key]
+        measure, unit = _measure_and_unit(key)
+        if isinstance(value, Mapping):
+            rows.extend(
+                {**base, "measure": measure, "statistic": stat, "value": value[stat], "unit": unit}
+                for stat in STATISTIC_KEYS
+                if stat in value
+            )
+        elif value is not None or (always_volume and key == "volume_mm3"):
+            rows.append({**base, "measure": measure, "statistic": "", "value": value, "unit": unit})
+    return rows
+
+
 def csv_rows(measurements: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The report rows of *measurements* (``analyse()`` output), tissues in label order."""
-    units = measurements.get("units", {"volume": "mm3", "thickness": "mm"})
+    """The report rows of *measurements* (``analyse()`` output): tissues in label order, then subregions.
+
+    Every measurement key of an entry (:data:`openmsk.regions.MEASUREMENT_KEYS`) that is a number gives one
+    row, and every one that is a dict of statistics (thickness, T2) one row per statistic, with the measure
+    and unit taken from the key (``thickness_mm`` -> ``thickness``, ``mm``). A subregion row names its
+    tissue, its ``region`` and its ``status``; a region that is not measurable keeps a volume row with an
+    empty value, so the spreadsheet shows it.
+    """
     tissues = measurements.get("tissues", {})
     rows: list[dict[str, Any]] = []
     for name in sorted(tissues, key=lambda n: BY_NAME[n].label if n in BY_NAME else 256):
@@ -55,28 +96,21 @@ def csv_rows(measurements: Mapping[str, Any]) -> list[dict[str, Any]]:
             "tissue": name,
             "label": entry.get("label", ""),
             "display_name": entry.get("display_name", name),
+            "region": "",
+            "status": entry.get("status", ""),
         }
-        rows.append(
-            {
-                **base,
-                "measure": "volume",
-                "statistic": "",
-                "value": entry["volume_mm3"],
-                "unit": units["volume"],
-            }
-        )
-        thickness = entry.get("thickness_mm")
-        if thickness:
-            for key in THICKNESS_KEYS:
-                rows.append(
-                    {
-                        **base,
-                        "measure": "thickness",
-                        "statistic": key,
-                        "value": thickness[key],
-                        "unit": units["thickness"],
-                    }
-                )
+        rows.extend(_entry_rows(base, entry, always_volume=True))
+    regions = measurements.get("regions") or {}
+    for name in sorted(regions, key=lambda n: REGIONS_BY_NAME[n].label if n in REGIONS_BY_NAME else 256):
+        entry = regions[name]
+        base = {
+            "tissue": entry.get("tissue", ""),
+            "label": entry.get("label", ""),
+            "display_name": entry.get("display_name", name),
+            "region": name,
+            "status": entry.get("status", ""),
+        }
+        rows.extend(_entry_rows(base, entry, always_volume=True))
     return rows
 
 
@@ -114,6 +148,9 @@ def write_report(
         "provenance": _plain(provenance),
         "tissues": _plain(measurements["tissues"]),
     }
+    for key in ("regions", "region_frame"):
+        if key in measurements:
+            document[key] = _plain(measurements[key])
     json_text = json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
     buffer = io.StringIO()
