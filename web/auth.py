@@ -176,6 +176,8 @@ def login_session(principal: str) -> None:
 
 
 def logout_session() -> None:
+    """End the session (the form's CSRF token checked here too, whatever the form's encoding)."""
+    check_csrf(request.form.get(CSRF_FIELD))
     principal = session_principal()
     if principal is not None and (log := current_app.extensions.get(AUDIT)) is not None:
         audit.sign_out(log, principal=principal, address=request.remote_addr)
@@ -184,7 +186,11 @@ def logout_session() -> None:
 
 def sign_in_from_form(client: redis.Redis) -> str | None:
     """Check the posted sign-in form (rate-limited per address); on success start a session for the
-    principal and return it. The pages and the viewer share this, so both refuse and accept alike."""
+    principal and return it. The pages and the viewer share this, so both refuse and accept alike.
+
+    The CSRF token is checked here, not only by the callers: a cross-site form (multipart ones included, which
+    the pages' generic check leaves to their handlers) must not sign a browser in as somebody else."""
+    check_csrf(request.form.get(CSRF_FIELD))
     check_rate(client, "sign-in", request.remote_addr or "?", LOGIN_RATE_LIMIT)
     principal = credentials().login(request.form.get("user", "").strip(), request.form.get("password", ""))
     if principal is not None:
