@@ -175,6 +175,9 @@ class Job(BaseModel):
     results: list[ResultInstance] = Field(
         default_factory=list, description="the DICOM results to deliver, recorded when the pipeline ends"
     )
+    waiting: str = Field(
+        "", description="why the job waits, when it waits for something other than a free worker (one line)"
+    )
     deliveries: dict[str, Delivery] = Field(default_factory=dict)
     provenance: Provenance = Field(default_factory=Provenance)
     idempotency_key: str | None = None
