@@ -26,11 +26,12 @@ def test_compose_file_validates() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     config = result.stdout
-    for service in ("caddy:", "redis:", "orthanc:", "web:", "scp:"):
+    for service in ("caddy:", "redis:", "orthanc:", "web:", "scp:", "objectstore:"):
         assert service in config
     assert "127.0.0.1:6379" in config.replace('"', "") or "host_ip: 127.0.0.1" in config  # Redis stays local
     assert "--requirepass" in config and "appendonly" in config
-    assert config.count("healthcheck:") == 5
+    assert config.count("healthcheck:") == 6
+    assert "127.0.0.1:8333:8333" in config.replace('"', "")  # the object store's S3 port stays local too
     assert "8042:8042" not in config.replace(
         "127.0.0.1:8042:8042", ""
     )  # Orthanc HTTP never published beyond localhost
@@ -39,8 +40,8 @@ def test_compose_file_validates() -> None:
 def test_env_example_lists_every_variable_the_compose_file_uses() -> None:
     import re
 
-    used = set(re.findall(r"\$\{([A-Z_]+)", (DEPLOY / "docker-compose.yml").read_text()))
-    used |= set(re.findall(r"\{\$([A-Z_]+)\}", (DEPLOY / "Caddyfile").read_text()))
+    used = set(re.findall(r"\$\{([A-Z0-9_]+)", (DEPLOY / "docker-compose.yml").read_text()))
+    used |= set(re.findall(r"\{\$([A-Z0-9_]+)\}", (DEPLOY / "Caddyfile").read_text()))
     listed = {
         line.split("=", 1)[0] for line in (DEPLOY / ".env.example").read_text().splitlines() if "=" in line
     }
