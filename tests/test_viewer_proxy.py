@@ -435,6 +435,86 @@ def test_the_proxy_is_read_only_and_stays_under_its_roots(viewer: Viewer, study:
         assert b"OpenMSK Orthanc" not in body and b"ParentStudy" not in body
 
 
+def test_traversal_and_method_tampering_change_nothing_in_orthanc(viewer: Viewer, study: Study) -> None:
+    """Beyond the above: double-encoded and deeper dot segments, every unsafe method on both roots, and the
+    method-override headers some frameworks honour — refused, and Orthanc holds exactly what it held."""
+    auth = (ORTHANC_USER, ORTHANC_PASSWORD)
+    orthanc = viewer.settings.orthanc_url
+
+    def holdings() -> tuple[dict, list[str]]:
+        counts = requests.get(f"{orthanc}/statistics", auth=auth, timeout=10).json()
+        return {k: counts[k] for k in ("CountPatients", "CountStudies", "CountInstances")}, sorted(
+            requests.get(f"{orthanc}/studies", auth=auth, timeout=10).json()
+        )
+
+    before = holdings()
+    browser = sign_in(viewer.url, USER, PASSWORD)
+    cookie = browser.cookies["openmsk_session"]
+    for path in (
+        "/dicom-web/../../tools/reset",
+        "/dicom-web/studies/../../../tools/find",
+        "/dicom-web/%2e%2e/%2e%2e/tools/reset",
+        "/dicom-web/%2E%2E/system",
+        "/dicom-web/%252e%252e/system",
+        "/dicom-web/studies/%252e%252e%252f%252e%252e%252fsystem",
+        "/wado/..%2f..%2ftools%2freset",
+        "/dicom-web/studies/..\\..\\system",
+        "/dicom-web/.%2e/system",
+    ):
+        status, body = raw_get(viewer, path, cookie)
+        assert status in (400, 404), (path, status, body[:200])
+        assert b"OpenMSK Orthanc" not in body and b"DicomAet" not in body, path
+    study_url = f"{viewer.url}/dicom-web/studies/{study.study_uid}"
+    for url in (
+        study_url,
+        f"{viewer.url}/dicom-web",
+        f"{viewer.url}/wado",
+        f"{viewer.url}/wado?requestType=WADO",
+    ):
+        for method in ("POST", "PUT", "DELETE", "PATCH"):
+            assert browser.request(method, url, timeout=10).status_code == 405, (method, url)
+    for header in ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"):
+        # A read stays a read (the header never reaches Orthanc), a write stays refused.
+        read = browser.get(f"{study_url}/series", headers={header: "DELETE"}, timeout=30)
+        assert read.status_code == 200, header
+        assert browser.post(study_url, headers={header: "GET"}, timeout=10).status_code == 405, header
+    assert holdings() == before
+
+
+def test_opening_a_study_is_audited_once_per_session(viewer: Viewer, study: Study) -> None:
+    log = viewer.settings.data_path / "audit" / "audit.log"
+
+    def viewed() -> list[dict]:
+        lines = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+        return [
+            line
+            for line in lines
+            if line["kind"] == "study-viewed" and line["objects"]["study"] == study.study_uid
+        ]
+
+    already = len(viewed())
+    browser = sign_in(viewer.url, USER, PASSWORD)
+    assert browser.get(f"{viewer.url}/dicom-web/studies", params={"StudyInstanceUID": study.study_uid}).ok
+    assert len(viewed()) == already  # a search opens nothing
+    base = f"{viewer.url}/dicom-web/studies/{study.study_uid}"
+    for path in (
+        "/series",
+        f"/series/{study.mr_series_uid}/metadata",
+        f"/series/{study.mr_series_uid}/instances",
+    ):
+        assert browser.get(base + path, timeout=30).status_code == 200
+    (line,) = viewed()[already:]  # three requests of one session: one line
+    assert line["event_id"] == "DCM 110103" and line["action"] == "R" and line["outcome"] == 0
+    assert line["participants"] == [{"role": "user", "principal": f"user:{USER}", "address": "127.0.0.1"}]
+    other = sign_in(viewer.url, "", TOKEN)
+    assert other.get(f"{base}/series", timeout=30).status_code == 200
+    assert len(viewed()) == already + 2  # another session: its own line
+    assert other.get(f"{viewer.url}/dicom-web/studies/1.2.3.4/metadata", timeout=10).status_code == 404
+    text = log.read_text()
+    assert "1.2.3.4" not in text  # nothing was opened: Orthanc has no such study
+    assert ORTHANC_PASSWORD not in text and TOKEN not in text and PASSWORD not in text
+
+
 def test_wrong_orthanc_credentials_are_a_502_without_a_password_prompt(viewer: Viewer, study: Study) -> None:
     settings = viewer.settings.model_copy(update={"orthanc_password": "not-the-password"})
     client = create_viewer_app(settings).test_client()
