@@ -27,6 +27,8 @@ from worker.dicom.sr import write_sr
 from worker.errors import JobFailure
 from worker.models.segmenter import Segmenter, from_canonical, to_canonical
 from worker.preview import write_preview
+from worker.prior import PriorLookup
+from worker.region_outputs import add_change, write_region_outputs
 from worker.report import write_report
 from worker.t2 import MultiEchoVolume
 from worker.t2.stage import T2Warning, run_t2
@@ -88,6 +90,7 @@ def segment_volume(
     dicom_outputs: bool = True,
     labelmap_seg: bool = False,
     t2: bool = True,
+    priors: PriorLookup | None = None,
 ) -> Outputs:
     """Run preprocess → infer → postprocess → write → analyse on a loaded volume, writing into ``out_dir``.
 
@@ -161,12 +164,35 @@ def segment_volume(
         outputs.files.extend(t2_out.files)
         outputs.dicom.extend(DicomResult(*item) for item in t2_out.dicom)
         outputs.warnings.extend([t2_out.warning] if t2_out.warning else [])
+    # Change since the prior visit (into the measurements, so report.json and the SR carry it), thickness
+    # maps, region SEG and the maps' Secondary Captures (worker/region_outputs.py).
+    add_change(measurements, volume, priors, entry.name, entry.version)
+    region_out = write_region_outputs(
+        volume,
+        labels,
+        analysis.region_map,
+        measurements,
+        entry.name,
+        entry.version,
+        out_dir,
+        dicom_outputs=dicom_outputs,
+    )
+    outputs.files.extend(region_out.files)
+    outputs.dicom.extend(DicomResult(*item) for item in region_out.dicom)
     progress("analyse", 0.6)
     provenance = {**segmenter.provenance, "node_version": __version__}
     outputs.files.extend(write_report(measurements, provenance, out_dir))
     if dicom_outputs:
         sr_path = out_dir / "sr.dcm"
-        sr = write_sr(seg.dataset, volume, measurements, entry.name, entry.version, sr_path)
+        sr = write_sr(
+            seg.dataset,
+            volume,
+            measurements,
+            entry.name,
+            entry.version,
+            sr_path,
+            region_seg=region_out.region_seg,
+        )
         outputs.sr_sop_uid = sr.sop_uid
         outputs.files.append(sr_path)
         outputs.dicom.append(DicomResult(sr_path, sr.sop_class_uid, sr.sop_uid))

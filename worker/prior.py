@@ -29,15 +29,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from openmsk.labels import CARTILAGES, LATERALITY
 from openmsk.regions import MEASURED, REGIONS, REGIONS_BY_NAME
+from worker.dicom.general import knee_laterality
 
 if TYPE_CHECKING:
     import redis
+    from pydicom.dataset import Dataset
 
 __all__ = [
     "SR_SERIES_DESCRIPTION_PREFIX",
     "NodePriors",
     "OrthancPriors",
     "Prior",
+    "PriorLookup",
     "PriorSource",
     "compare",
     "find_prior",
@@ -336,3 +339,46 @@ def compare(
             "prior_mm": then,
         }
     return change
+
+
+@dataclass
+class PriorLookup:
+    """What a job looks priors up in: this node's (``node``, also where the job's own result is remembered)
+    and archives (``archives``, e.g. :class:`OrthancPriors`); ``job_id`` names the job in what is remembered.
+    """
+
+    node: NodePriors | None = None
+    archives: Sequence[PriorSource] = ()
+    job_id: str | None = None
+
+    def change_and_remember(
+        self, source: Dataset, measurements: dict[str, Any], model_name: str, model_version: str
+    ) -> dict[str, Any] | None:
+        """The ``change`` entry since the latest prior of this patient's knee (``None`` without one), after
+        which this result is remembered as the prior of later visits.
+
+        *source* is an instance of the source series: PatientID, Laterality (or ImageLaterality), StudyDate
+        and StudyInstanceUID. Without a PatientID, a laterality or a study date there is nothing to match on.
+        """
+        patient_id = str(source.get("PatientID", "") or "").strip()
+        laterality = knee_laterality(source)
+        study_date = str(source.get("StudyDate", "") or "")
+        study_uid = str(source.get("StudyInstanceUID", "") or "")
+        if not patient_id or laterality is None or len(study_date) != 8 or not study_date.isdigit():
+            return None
+        sources = [s for s in (self.node, *self.archives) if s is not None]
+        prior = find_prior(sources, patient_id, laterality, study_date, study_uid)
+        if self.node is not None and study_uid:
+            mine = Prior(
+                study_date,
+                study_uid,
+                model_name,
+                model_version,
+                mean_thicknesses(measurements),
+                job_id=self.job_id,
+            )
+            try:
+                self.node.record(patient_id, laterality, mine)
+            except Exception as exc:  # Redis down: later visits lose this prior, this job goes on
+                log.warning("could not remember the result for later visits (%s)", type(exc).__name__)
+        return None if prior is None else compare(measurements, prior, model_name, model_version)

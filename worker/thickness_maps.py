@@ -77,6 +77,45 @@ class AnatomicalFrame:
         """The patient's own axes (L, P, S) at *origin*."""
         return cls(np.eye(3), np.asarray(origin, dtype=np.float64))
 
+    @classmethod
+    def from_grid_axes(
+        cls,
+        axes: dict[str, Sequence[float]],
+        affine_lps: NDArray[Any],
+        origin: Sequence[float] = (0.0, 0.0, 0.0),
+    ) -> AnatomicalFrame | None:
+        """The frame from the analysis' knee axes (``region_frame["axes"]``: unit ``medial``, ``anterior``,
+        ``superior`` vectors in the grid's mm space, i.e. voxel index x spacing), or ``None`` when they do not
+        make a frame (missing, degenerate).
+
+        The medial axis is turned to point towards patient left (so a left and a right knee are drawn the
+        same way round, with the patient's right on the left as in a radiological view of both).
+        """
+        affine = np.asarray(affine_lps, dtype=np.float64)[:3, :3]
+        spacing = np.linalg.norm(affine, axis=0)
+        try:
+            grid = [np.asarray(axes[name], dtype=np.float64) for name in ("medial", "anterior", "superior")]
+        except (KeyError, TypeError, ValueError):
+            return None
+        # Grid mm -> LPS: the affine's directions (its columns divided by the spacing).
+        lps = [affine @ (v / spacing) for v in grid]
+        x = lps[0] if lps[0][0] >= 0 else -lps[0]
+        y, z = -lps[1], lps[2]
+        rows = []
+        for v in (x, y, z):  # Gram-Schmidt: the analysis' axes are orthogonal up to rounding
+            for r in rows:
+                v = v - (v @ r) * r
+            norm = float(np.linalg.norm(v))
+            if norm < 1e-6:
+                return None
+            rows.append(v / norm)
+        rotation = np.array(rows)
+        if np.linalg.det(rotation) < 0:
+            rotation[1] = -rotation[1]  # the analysis' frame is left-handed here: keep ML and SI, flip AP
+            if rotation[1] @ -lps[1] < 0:
+                return None
+        return cls(rotation, np.asarray(origin, dtype=np.float64))
+
     def coordinates(self, points_lps: NDArray[np.float64]) -> NDArray[np.float64]:
         """(n, 3) points in LPS mm -> (n, 3) frame coordinates (x ML, y AP, z SI) in mm."""
         return (np.asarray(points_lps, dtype=np.float64) - self.origin) @ self.rotation.T
@@ -160,7 +199,9 @@ def _map_values(
     affine_lps: NDArray[np.float64],
     frame: AnatomicalFrame,
 ) -> tuple[NDArray[np.float64], tuple[float, float, float, float], tuple[str, str]] | None:
-    mask = np.isin(labels, spec.labels)
+    mask = labels == spec.labels[0]
+    for label in spec.labels[1:]:
+        mask |= labels == label
     if not mask.any():
         return None
     voxel_mm3 = float(abs(np.linalg.det(affine_lps[:3, :3])))
@@ -281,14 +322,31 @@ def thickness_maps(
     laterality: str | None
         ``"R"`` or ``"L"``, named in the title.
     """
+    from scipy import ndimage as ndi
+
     labels = np.asarray(labels)
     affine = np.asarray(affine_lps, dtype=np.float64)
     if labels.ndim != 3 or affine.shape != (4, 4):
         raise ValueError("labels must be 3-D and the affine 4x4")
+    # Work on the box around the cartilage: a knee's cartilage is a few percent of the grid.
+    small = labels.astype(np.uint8, copy=False)
+    wanted = sorted({label for spec in MAPS for label in spec.labels})
+    if small.flags.f_contiguous and not small.flags.c_contiguous:
+        # find_objects is much slower across memory than along it: scan the C-ordered transpose of a
+        # Fortran-ordered map (the pipeline's layout) and turn its boxes back.
+        found = [None if b is None else b[::-1] for b in ndi.find_objects(small.T, max_label=max(wanted))]
+    else:
+        found = ndi.find_objects(small, max_label=max(wanted))
+    boxes = [b for b in found[min(wanted) - 1 :] if b is not None]
+    if not boxes:
+        return []
+    box = tuple(slice(min(b[d].start for b in boxes), max(b[d].stop for b in boxes)) for d in range(3))
+    labels = small[box]
+    offset = np.array([s.start for s in box], dtype=np.float64)
+    affine = affine.copy()
+    affine[:3, 3] += affine[:3, :3] @ offset
     if frame is None:
-        cartilage = np.isin(labels, [label for spec in MAPS for label in spec.labels])
-        if not cartilage.any():
-            return []
+        cartilage = (labels >= min(wanted)) & (labels <= max(wanted))
         frame = AnatomicalFrame.patient_axes(_voxel_points(cartilage, affine).mean(axis=0))
     out = []
     for spec in MAPS:

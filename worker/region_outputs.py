@@ -1,0 +1,101 @@
+"""The outputs of the knee science after the analysis: region SEG, thickness maps (PNG and Secondary Capture)
+and the change since the prior visit, written beside the tissue outputs by ``worker.pipeline``.
+
+Kept out of the pipeline so that it stays a list of stages: the pipeline calls :func:`add_change` before the
+report (report.json and the SR then carry ``measurements["change"]``) and :func:`write_region_outputs` before
+the SR (which references the region SEG).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from worker.dicom.general import VolumeLike, knee_laterality
+from worker.dicom.sc import write_thickness_sc
+from worker.dicom.seg import write_seg
+from worker.thickness_maps import AnatomicalFrame, write_thickness_maps
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+    from worker.prior import PriorLookup
+
+__all__ = ["RegionOutputs", "add_change", "write_region_outputs"]
+
+
+@dataclass
+class RegionOutputs:
+    """What :func:`write_region_outputs` wrote: files, DICOM results (path, SOP class, SOP instance UID), and
+    the region SEG for the SR (``None`` without a region map or DICOM outputs)."""
+
+    files: list[Path] = field(default_factory=list)
+    dicom: list[tuple[Path, str, str]] = field(default_factory=list)
+    region_seg: Dataset | None = None
+
+
+def _frame(
+    measurements: dict[str, Any], labels: NDArray[Any], affine: NDArray[Any]
+) -> AnatomicalFrame | None:
+    axes = (measurements.get("region_frame") or {}).get("axes")
+    if not axes:
+        return None
+    cartilage = np.argwhere(np.isin(labels, (4, 5, 6, 7)))
+    if not len(cartilage):
+        return None
+    origin = affine[:3, :3] @ cartilage.mean(axis=0) + affine[:3, 3]
+    return AnatomicalFrame.from_grid_axes(axes, affine, origin)
+
+
+def write_region_outputs(
+    volume: VolumeLike,
+    labels: NDArray[Any],
+    region_map: NDArray[Any] | None,
+    measurements: dict[str, Any],
+    model_name: str,
+    model_version: str,
+    out_dir: Path,
+    *,
+    dicom_outputs: bool = True,
+) -> RegionOutputs:
+    """Thickness maps (``thickness_<cartilage>.png``), and with DICOM outputs the region SEG
+    (``seg_regions.dcm``) and the maps' Secondary Captures (``thickness_<cartilage>.dcm``)."""
+    out = RegionOutputs()
+    affine = np.asarray(volume.affine_lps, dtype=np.float64)
+    laterality = knee_laterality(volume.sources[0]) if volume.sources else None
+    maps = write_thickness_maps(
+        labels, affine, out_dir, frame=_frame(measurements, labels, affine), laterality=laterality
+    )
+    out.files.extend(m.path for m in maps if m.path is not None)
+    if not dicom_outputs:
+        return out
+    if region_map is not None and np.any(region_map):
+        path = out_dir / "seg_regions.dcm"
+        rseg = write_seg(volume, region_map, model_name, model_version, path, regions=True)
+        out.region_seg = rseg.dataset
+        out.files.append(path)
+        out.dicom.append((path, str(rseg.dataset.SOPClassUID), rseg.sop_uid))
+    for sc in write_thickness_sc(volume, maps, model_name, model_version, out_dir) if maps else []:
+        out.files.append(sc.path)
+        out.dicom.append((sc.path, sc.sop_class_uid, sc.sop_uid))
+    return out
+
+
+def add_change(
+    measurements: dict[str, Any],
+    volume: VolumeLike,
+    priors: PriorLookup | None,
+    model_name: str,
+    model_version: str,
+) -> None:
+    """Put ``change`` (since the prior visit) into *measurements* when *priors* finds one, and remember this
+    result for later visits. Nothing happens without priors or DICOM sources (no PatientID to match)."""
+    if priors is None or not volume.sources:
+        return
+    change = priors.change_and_remember(volume.sources[0], measurements, model_name, model_version)
+    if change is not None:
+        measurements["change"] = change
