@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 # The canonical label map (segmentation output and phantom truth use the same numbers), from the tissue table.
 LABELS: dict[int, str] = {label: t.name for label, t in TISSUES.items()}
 
-SIZES = ("small", "full")
+SIZES = ("small", "medium", "full")
 ORIENTATIONS = ("sagittal", "coronal", "axial", "oblique")
 LATERALITIES = ("R", "L")
 

@@ -14,6 +14,9 @@ Grid sizes (columns × rows × slices, spacing in mm):
 * ``small``: 64 × 64 × 40 at 1.6 × 1.6 × 2.4 mm — a 102 × 102 × 96 mm field of view, the least that holds
   the distal femur, tibial plateau and patella of an adult knee in 64 pixels; cartilage (1.5–3 mm) is then
   about one to two voxels thick.
+* ``medium``: 128 × 128 × 80 at 0.8 × 0.8 × 1.4 mm (102 × 102 × 112 mm): a grid fine enough that each
+  cartilage subregion spans several voxels (on ``small`` a tibial third is three or four slices, so one
+  slice more or less decides its Dice), yet generated in about a second.
 * ``full``: 384 × 384 × 160 at 0.36 × 0.36 × 0.7 mm, like a clinical sagittal 3D DESS.
 """
 
@@ -37,6 +40,7 @@ Mask = NDArray[np.bool_]
 # (columns, rows, slices) and (column spacing, row spacing, slice spacing) in mm; see the module docstring.
 GRID_SIZES: dict[str, tuple[tuple[int, int, int], tuple[float, float, float]]] = {
     "small": ((64, 64, 40), (1.6, 1.6, 2.4)),
+    "medium": ((128, 128, 80), (0.8, 0.8, 1.4)),
     "full": ((384, 384, 160), (0.36, 0.36, 0.7)),
 }
 

@@ -36,7 +36,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "--size",
         choices=SIZES,
         default="small",
-        help="small: 64x64x40 at 1.6x1.6x2.4 mm; full: 384x384x160 at 0.36x0.36x0.7 mm",
+        help="small: 64x64x40 at 1.6x1.6x2.4 mm; medium: 128x128x80 at 0.8x0.8x1.4 mm; "
+        "full: 384x384x160 at 0.36x0.36x0.7 mm",
     )
     parser.add_argument(
         "--orientation",
@@ -45,6 +46,15 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="image plane; oblique is sagittal turned 15-20 degrees about the superior axis",
     )
     parser.add_argument("--laterality", choices=LATERALITIES, default="R", help="knee side (default R)")
+    parser.add_argument(
+        "--thin",
+        metavar="REGION=MM",
+        action="append",
+        type=_thinning,
+        default=[],
+        help="follow-up visit of the same patient: cartilage of subregion REGION (e.g. "
+        "femoral_medial_central) thinner by MM; repeatable",
+    )
     parser.add_argument(
         "--echoes",
         choices=("qdess", "mese"),
@@ -62,6 +72,16 @@ def _seed(text: str) -> int:
     return value
 
 
+def _thinning(text: str) -> tuple[str, float]:
+    name, sep, mm = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return name.strip(), float(mm)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected REGION=MM, got {text!r}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Generate and write the phantom described by *args*; print where it went. Returns the exit code."""
     from openmsk.phantom import generate, write_series
@@ -76,7 +96,11 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     phantom = generate(
-        seed=args.seed, size=args.size, orientation=args.orientation, laterality=args.laterality
+        seed=args.seed,
+        size=args.size,
+        orientation=args.orientation,
+        laterality=args.laterality,
+        thinning=dict(getattr(args, "thin", [])) or None,
     )
     paths = write_series(phantom, args.out_dir)
     nx, ny, nz = phantom.image.shape
