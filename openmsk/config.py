@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "OPENMSK_"
+MANAGED_STORAGE = "managed"  # OPENMSK_STORAGE_URL value: `openmsk up` starts the object store itself
 
 # DICOM PS3.5 AE title: 1-16 characters of the default repertoire, no backslash, not only spaces.
 REPO_DIR = Path(__file__).resolve().parents[1]
@@ -152,7 +153,14 @@ class Settings(BaseSettings):
     storage_url: str | None = Field(
         None,
         description="an s3://bucket[/prefix] URL of an S3 object store for received DICOM, uploads and job "
-        "outputs (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY); unset: DATA_DIR only (single host)",
+        "outputs (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY); 'managed': `openmsk up` runs one "
+        "(SeaweedFS, keys generated) for workers on other hosts; unset: DATA_DIR only (single host)",
+    )
+    storage_managed_port: int = Field(
+        8333,
+        gt=0,
+        lt=65536,
+        description="S3 port of the object store `openmsk up` manages (storage_url=managed)",
     )
     storage_endpoint_url: str | None = Field(
         None,
@@ -243,8 +251,8 @@ class Settings(BaseSettings):
     @field_validator("storage_url")
     @classmethod
     def _storage_url(cls, value: str | None) -> str | None:
-        if value and not value.startswith("s3://"):
-            raise ValueError("not an s3 URL")
+        if value and value != MANAGED_STORAGE and not value.startswith("s3://"):
+            raise ValueError("not an s3 URL (or 'managed')")
         return value or None
 
     @field_validator("storage_endpoint_url")

@@ -17,16 +17,20 @@ import time
 from dataclasses import dataclass, field
 
 from openmsk import __version__, audit
-from openmsk.config import Settings, env_name
+from openmsk.config import MANAGED_STORAGE, Settings, env_name
 from openmsk.managed.orthanc import ORTHANC_DIR, ManagedOrthanc, orthanc_binary
 from openmsk.managed.process import spawn, stop_all
 from openmsk.managed.redis import ManagedRedis
+from openmsk.managed.seaweedfs import ManagedSeaweedFS
 from openmsk.stored_secrets import (
     API_TOKEN,
     ORTHANC_PASSWORD,
+    S3_ACCESS_KEY,
+    S3_SECRET_KEY,
     ensure_api_token,
     orthanc_credentials,
     secret_path,
+    stored_secret,
 )
 
 # The viewer serves the OHIF build on its own port: the build expects to live at its origin's root.
@@ -53,6 +57,7 @@ class Node:
         self.env = dict(os.environ)
         self.redis: ManagedRedis | None = None
         self.orthanc: ManagedOrthanc | None = None
+        self.objects: ManagedSeaweedFS | None = None
         self.children = [Child(name, [sys.executable, "-m", "openmsk", name]) for name in SERVICES]
         self.stopping = threading.Event()
 
@@ -69,6 +74,11 @@ class Node:
             lines.append(f"  Redis    {self.redis.url}  (managed, AOF under {data / 'redis'})")
         else:
             lines.append(f"  Redis    {s.redis_url}  (external)")
+
+        if s.storage_url == MANAGED_STORAGE:
+            lines.append(self._start_object_store())
+        elif s.storage_url:
+            lines.append(f"  Storage  {s.storage_url}  (external)")
 
         if s.orthanc_url is not None:
             lines.append(f"  Orthanc  {s.orthanc_url}  (external)")
@@ -101,6 +111,25 @@ class Node:
                 f"user {user!r}, {where}"
             )
         return lines
+
+    def _start_object_store(self) -> str:
+        """A SeaweedFS S3 store under DATA_DIR/seaweedfs with generated keys, for workers on other hosts."""
+        s = self.settings
+        access, _ = stored_secret(s, S3_ACCESS_KEY)
+        secret, _ = stored_secret(s, S3_SECRET_KEY)
+        self.objects = ManagedSeaweedFS(
+            s.data_path / "seaweedfs", s.storage_managed_port, access_key=access, secret_key=secret
+        ).start()
+        self._set("storage_url", self.objects.url)
+        self._set("storage_endpoint_url", self.objects.endpoint_url)
+        # boto3's own variables: the children's S3 clients read them, no OPENMSK_* setting ever holds a key.
+        self.env["AWS_ACCESS_KEY_ID"] = access
+        self.env["AWS_SECRET_ACCESS_KEY"] = secret
+        return (
+            f"  Storage  {self.objects.url} at {self.objects.endpoint_url}  (managed SeaweedFS under "
+            f"{self.objects.data_dir}; keys in {secret_path(s, S3_ACCESS_KEY)} and {secret_path(s, S3_SECRET_KEY)}, "
+            f"show them: {SHOW} s3-access-key / s3-secret-key)"
+        )
 
     def start_child(self, child: Child) -> None:
         child.proc = spawn(child.argv, env=self.env)
@@ -172,7 +201,13 @@ class Node:
         """Stop the services first (they may still talk to Redis/Orthanc), then Orthanc and Redis."""
         stop_all([c.proc for c in self.children if c.proc is not None], timeout_s=6.0)
         backing = [
-            p for p in (self.orthanc and self.orthanc.proc, self.redis and self.redis.proc) if p is not None
+            p
+            for p in (
+                self.orthanc and self.orthanc.proc,
+                self.objects and self.objects.proc,
+                self.redis and self.redis.proc,
+            )
+            if p is not None
         ]
         stop_all(backing, timeout_s=3.0)
         print("OpenMSK Node stopped.", flush=True)

@@ -42,7 +42,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from openmsk.atomic import atomic_file
-from openmsk.config import ConfigError, Settings, env_name
+from openmsk.config import MANAGED_STORAGE, ConfigError, Settings, env_name
 
 log = logging.getLogger(__name__)
 
@@ -576,6 +576,11 @@ def store_for(settings: Settings) -> ObjectStore:
     """
     if not settings.storage_url:
         return LocalStore(settings.data_path)
+    if settings.storage_url == MANAGED_STORAGE:
+        raise ConfigError(
+            f"{env_name('storage_url')}=managed is for `openmsk up`, which starts the store and gives its "
+            "children its s3:// URL; a service run on its own needs that URL"
+        )
     try:
         parse_s3_url(settings.storage_url)
     except ValueError as exc:

@@ -15,6 +15,8 @@ from openmsk.config import Settings
 API_TOKEN = "api_token"
 ORTHANC_PASSWORD = "orthanc_password"
 WEB_SECRET_KEY = "web_secret_key"
+S3_ACCESS_KEY = "s3_access_key"  # the managed object store's keys (OPENMSK_STORAGE_URL=managed)
+S3_SECRET_KEY = "s3_secret_key"
 
 
 def secret_path(settings: Settings, name: str) -> Path:

@@ -19,9 +19,10 @@ import requests
 from openmsk.config import Settings
 from openmsk.jobs import ErrorCode, Job, JobState, JobStore
 from openmsk.managed.orthanc import ManagedOrthanc
+from openmsk.managed.process import free_port
 from openmsk.managed.seaweedfs import ManagedSeaweedFS, weed_binary
 from openmsk.models.registry import load_registry
-from openmsk.objectstore import S3Store
+from openmsk.objectstore import S3Store, StorageAccessDenied
 from openmsk.phantom import generate, write_series
 from tests.conftest import SEAWEEDFS_ACCESS_KEY, SEAWEEDFS_SECRET_KEY
 from tests.processes import health, openmsk, wait_for
@@ -191,3 +192,49 @@ def test_workers_without_a_shared_disk(
                 proc.kill()
                 proc.wait(timeout=10)
         seaweed.stop()
+
+
+def test_openmsk_up_manages_an_object_store_for_remote_workers(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OPENMSK_STORAGE_URL=managed: `openmsk up` starts SeaweedFS with generated keys, hands its s3:// URL and
+    the keys to its children (never through an OPENMSK_* setting), and says where the keys are, not what."""
+    from openmsk.node import Node
+    from openmsk.stored_secrets import S3_ACCESS_KEY, S3_SECRET_KEY, secret_path
+
+    _aws_env(monkeypatch, tmp_path, None, None)
+    managed = settings.model_copy(
+        update={
+            "storage_url": "managed",
+            "storage_managed_port": free_port(),
+            "orthanc_url": "http://127.0.0.1:9",
+        }
+    )
+    node = Node(managed)
+    try:
+        lines = node.start_backing_services()
+        access = secret_path(managed, S3_ACCESS_KEY).read_text().strip()
+        secret = secret_path(managed, S3_SECRET_KEY).read_text().strip()
+        banner = "\n".join(lines)
+        assert "Storage  s3://openmsk" in banner and access not in banner and secret not in banner
+        env = node.env
+        assert env["OPENMSK_STORAGE_URL"] == "s3://openmsk"
+        assert env["OPENMSK_STORAGE_ENDPOINT_URL"].endswith(f":{managed.storage_managed_port}")
+        assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (access, secret)
+        assert not any(secret in value for name, value in env.items() if name.startswith("OPENMSK_"))
+        # What a child (or a worker on another host given the same three values) gets: a working store.
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", access)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+        store = S3Store(env["OPENMSK_STORAGE_URL"], endpoint_url=env["OPENMSK_STORAGE_ENDPOINT_URL"])
+        probe = tmp_path / "probe.txt"
+        probe.write_text("node")
+        store.put_file("probe/probe.txt", probe)
+        assert store.exists("probe/probe.txt")
+        # Without the keys the store refuses.
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+        with pytest.raises(StorageAccessDenied):
+            S3Store(env["OPENMSK_STORAGE_URL"], endpoint_url=env["OPENMSK_STORAGE_ENDPOINT_URL"]).check()
+    finally:
+        node.shutdown()
+    assert node.objects is not None and node.objects.proc is not None
+    assert node.objects.proc.poll() is not None  # stopped with the node
