@@ -630,6 +630,7 @@ def _command(args: argparse.Namespace) -> int:
         print(json.dumps(entry, separators=(",", ":")) if args.json else _line(entry))
         shown += 1
     if not args.json:
+        sys.stdout.flush()  # the count comes after the lines, also when both go to one terminal or file
         print(f"{shown} event(s) in {audit.folder}", file=sys.stderr)
     return 0
 
