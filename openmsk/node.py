@@ -4,6 +4,10 @@ Starts a private Redis and a managed Orthanc when none is configured, then the S
 server as child processes (``openmsk scp|worker|web``, the same commands a multi-host deployment runs), and the
 OHIF viewer's server on its own port (``openmsk viewer``). A child that crashes is restarted; Ctrl-C or
 SIGTERM stops every child within 10 s and leaves no process behind.
+
+The banner never prints a secret (under systemd stdout is the journal): for a generated Orthanc password or API
+token it names the file under ``DATA_DIR/secrets`` and ``openmsk secrets show``. The start and the stop are
+lines of the audit trail (:mod:`openmsk.audit`).
 """
 
 from __future__ import annotations

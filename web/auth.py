@@ -13,7 +13,10 @@ The scheme, as the README documents it:
   is no longer configured.
 - **CSRF**: every session carries a random token; a state-changing request authenticated by the cookie
   must send it back (form field ``csrf_token`` or header ``X-CSRF-Token``). Bearer requests carry no
-  ambient credentials and need none.
+  ambient credentials and need none. The sign-in and sign-out forms check it themselves too, whatever their
+  encoding (a cross-site multipart form must not sign a browser in as somebody else).
+- **Audit**: every sign-in (succeeded or failed: then only the address, never the name typed) and sign-out
+  is a line of the audit trail (:mod:`openmsk.audit`).
 """
 
 from __future__ import annotations

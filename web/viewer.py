@@ -9,7 +9,9 @@ up``; in the compose deployment a container behind Caddy). One Flask app there:
   for the node whose roots are this origin's proxy;
 - proxies ``/dicom-web/*`` and ``/wado*`` (GET and HEAD only: the viewer is read-only) to Orthanc, streaming the
   answer chunk by chunk. The node adds Orthanc's credentials; the browser's own Authorization header and cookies
-  never reach Orthanc, and Orthanc's 401 never reaches the browser (it would open a password prompt);
+  never reach Orthanc, and Orthanc's 401 never reaches the browser (it would open a password prompt). The first
+  successful read of a study in a session is a ``study-viewed`` line of the audit trail (:mod:`openmsk.audit`),
+  not every frame;
 - asks for the node's sign-in first: the same session cookie, secret key and credentials as the web pages
   (:mod:`web.auth`). A cookie belongs to a host, not a port, so a person signed in on the web pages is signed
   in here too; on another host name this app shows its own sign-in form;
