@@ -1,0 +1,257 @@
+"""Cartilage subregions and their measurements against the phantom's own subregion truth.
+
+Two implementations of one rule (the pymskt / Eckstein-Wirth femoral scheme with a 0.6 weight-bearing
+fraction, tibial thirds, patellar facets) are compared: the phantom's, from its construction in knee-local
+coordinates (openmsk/phantom/anatomy.py), and the node's, which finds the anatomical frame and the landmarks
+in the label map alone (worker/subregions.py). Agreement therefore checks the frame (sagittal, coronal, axial
+and oblique grids, left and right knees) and the landmarks.
+
+Figures as measured (truth labels):
+
+* assignment Dice, small phantoms (1.6 × 1.6 × 2.4 mm, about 100 voxels per tibial third): 0.90-1.00,
+  lowest in the tibial thirds of axial and sagittal grids (voxel quantisation of the plateau's ends);
+  full size: 0.97 or more;
+* thickness per subregion, full-size oblique left knee: mean within -0.9 % to +5.4 % of truth (femoral
+  anterior, the curved trochlea, highest), median over the regions 0.8 %;
+* follow-up with 0.3 mm thinning of the medial weight-bearing femur: see the test's assertion messages.
+
+The full-size cases cost about 25 s (two phantoms, two analyses); bench/analysis.py times the analysis.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from openmsk.phantom import Phantom, generate
+from openmsk.regions import MEASURED, MEASUREMENT_KEYS, NOT_MEASURABLE, REGIONS, REGIONS_BY_NAME
+from worker.analysis import analyse_with_regions
+from worker.report import REPORT_SCHEMA, write_report
+from worker.subregions import NoFrame, knee_frame
+
+# Every plane, both knees. Medium grids (0.8 × 0.8 × 1.4 mm): on small ones (2.4 mm slices) a tibial third
+# is three or four slices and one slice more or less (a sub-degree difference of frames) moves its Dice by
+# 0.1, which says nothing about the frame.
+CASES = [
+    (0, "sagittal", "R"),
+    (1, "coronal", "L"),
+    (2, "axial", "R"),
+    (3, "oblique", "L"),
+    (5, "coronal", "R"),
+    (6, "axial", "L"),
+]
+FULL_CASE = (3, "oblique", "L")
+THINNED = "femoral_medial_central"
+THINNING_MM = 0.3
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 2.0 * int((a & b).sum()) / total if total else 1.0
+
+
+@pytest.fixture(scope="module")
+def medium() -> list[tuple[Phantom, dict[str, Any], np.ndarray | None]]:
+    out = []
+    for seed, orientation, laterality in CASES:
+        ph = generate(seed=seed, size="medium", orientation=orientation, laterality=laterality)
+        out.append((ph, *analyse_with_regions(ph.labels, ph.spacing)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def small() -> tuple[Phantom, dict[str, Any], np.ndarray | None]:
+    ph = generate(seed=0, size="small", orientation="sagittal", laterality="R")
+    return (ph, *analyse_with_regions(ph.labels, ph.spacing))
+
+
+@pytest.fixture(scope="module")
+def full() -> dict[str, tuple[Phantom, dict[str, Any]]]:
+    """The full-size knee at baseline and at a follow-up with one region thinned."""
+    seed, orientation, laterality = FULL_CASE
+    out = {}
+    for visit, thinning in (("baseline", None), ("follow_up", {THINNED: THINNING_MM})):
+        ph = generate(seed, "full", orientation, laterality, thinning=thinning)
+        out[visit] = (ph, analyse_with_regions(ph.labels, ph.spacing)[0])
+    return out
+
+
+def test_region_assignment_matches_the_phantom_in_every_plane_and_both_knees(
+    medium: list[tuple[Phantom, dict[str, Any], np.ndarray | None]],
+) -> None:
+    for ph, _, region_map in medium:
+        assert region_map is not None and ph.regions is not None
+        assert region_map.shape == ph.labels.shape and region_map.dtype == np.uint8
+        case = (ph.truth["orientation"], ph.truth["laterality"])
+        # Every cartilage voxel has a region of its own tissue, and nothing else has one.
+        for label, region in REGIONS.items():
+            assert np.all(ph.labels[region_map == label] == region.tissue), (case, region.name)
+        assert np.array_equal(region_map > 0, (ph.labels >= 4) & (ph.labels <= 7)), case
+        for label, region in REGIONS.items():
+            dice = _dice(region_map == label, ph.regions == label)
+            assert dice >= 0.90, (case, region.name, round(dice, 3))
+
+
+def test_frame_comes_from_the_anatomy_not_the_image_axes(
+    medium: list[tuple[Phantom, dict[str, Any], np.ndarray | None]],
+) -> None:
+    """The frame's axes, turned into patient space, are the phantom's knee axes within a few degrees."""
+    for ph, _, _ in medium:
+        frame = knee_frame(ph.labels, ph.spacing)
+        to_lps = ph.affine_lps[:3, :3] / np.asarray(ph.spacing)  # grid mm -> LPS directions
+        medial = np.asarray(ph.truth["medial_direction_lps"])
+        for axis, truth in ((0, medial), (1, np.array([0.0, -1.0, 0.0])), (2, np.array([0.0, 0.0, 1.0]))):
+            angle = np.degrees(np.arccos(np.clip((to_lps @ frame.axes[axis]) @ truth, -1.0, 1.0)))
+            assert angle < 4.0, (ph.truth["orientation"], ph.truth["laterality"], axis, angle)
+
+
+def test_region_volumes_are_the_map_counts(
+    medium: list[tuple[Phantom, dict[str, Any], np.ndarray | None]],
+) -> None:
+    for ph, m, region_map in medium:
+        voxel = float(np.prod(ph.spacing))
+        assert set(m["regions"]) == set(REGIONS_BY_NAME)
+        for name, entry in m["regions"].items():
+            assert set(MEASUREMENT_KEYS) - {"t2_ms"} <= set(entry)
+            n = int((region_map == entry["label"]).sum())
+            assert entry["voxels"] == n and entry["volume_mm3"] == pytest.approx(n * voxel)
+            # within 15 % of the truth region's volume (its boundaries differ by a voxel or so)
+            assert entry["volume_mm3"] == pytest.approx(ph.truth["regions"][name]["volume_mm3"], rel=0.15)
+            if entry["status"] == MEASURED:
+                assert entry["reason"] is None and entry["thickness_mm"]["samples"] >= 10
+                assert entry["interface_area_mm2"] > 0
+            else:
+                assert entry["thickness_mm"] is None and entry["reason"]
+        # The regions of a cartilage add up to it, volume and interface area.
+        for tissue in ("femoral_cartilage", "medial_tibial_cartilage", "patellar_cartilage"):
+            parts = [e for e in m["regions"].values() if e["tissue"] == tissue]
+            assert sum(e["voxels"] for e in parts) == m["tissues"][tissue]["voxels"]
+            areas = [e["interface_area_mm2"] or 0.0 for e in parts]
+            assert sum(areas) == pytest.approx(m["tissues"][tissue]["interface_area_mm2"], rel=1e-9)
+
+
+def test_region_thickness_full_size_against_truth(full: dict[str, tuple[Phantom, dict[str, Any]]]) -> None:
+    ph, m = full["baseline"]
+    errors = []
+    for name, entry in m["regions"].items():
+        truth = ph.truth["regions"][name]["thickness_mm"]
+        assert entry["status"] == MEASURED, (name, entry["reason"])
+        for stat in ("mean", "median"):
+            error = entry["thickness_mm"][stat] / truth - 1.0
+            assert abs(error) <= 0.10, (name, stat, round(error, 4))
+        errors.append(abs(entry["thickness_mm"]["mean"] / truth - 1.0))
+    assert float(np.median(errors)) <= 0.05, errors
+
+
+def test_follow_up_change_in_the_thinned_region_only(full: dict[str, tuple[Phantom, dict[str, Any]]]) -> None:
+    (base, m0), (follow, m1) = full["baseline"], full["follow_up"]
+    assert follow.truth["regions"][THINNED]["thickness_mm"] == pytest.approx(
+        base.truth["regions"][THINNED]["thickness_mm"] - THINNING_MM
+    )
+    assert (
+        follow.truth["regions"][THINNED]["baseline_thickness_mm"]
+        == base.truth["regions"][THINNED]["thickness_mm"]
+    )
+    for name in REGIONS_BY_NAME:
+        change = m1["regions"][name]["thickness_mm"]["mean"] - m0["regions"][name]["thickness_mm"]["mean"]
+        truth = follow.truth["regions"][name]["thickness_mm"] - base.truth["regions"][name]["thickness_mm"]
+        if name == THINNED:
+            assert abs(change - truth) <= 0.1, (name, change)
+        else:
+            assert truth == 0.0
+            assert abs(change) < 0.05, (name, change)
+
+
+def test_follow_up_is_a_later_study_of_the_same_patient(tmp_path: Path) -> None:
+    import pydicom
+
+    base = generate(7, "small", "coronal", "R")
+    follow = generate(7, "small", "coronal", "R", thinning={"lateral_tibial_central": 0.4})
+    assert base.meta["patient"]["id"] == follow.meta["patient"]["id"]
+    assert follow.meta["patient"]["study_date"] > base.meta["patient"]["study_date"]
+    for key in ("study", "series", "frame_of_reference"):
+        assert base.meta["uids"][key] != follow.meta["uids"][key]
+    assert follow.truth["thinning_mm"] == {"lateral_tibial_central": 0.4} and base.truth["thinning_mm"] == {}
+    assert follow.truth["visit"] == 1 and "visit" not in base.truth
+    # the baseline's anatomy is unchanged outside the thinned region's cartilage
+    changed = base.labels != follow.labels
+    assert changed.any() and np.all(np.isin(base.labels[changed], [0, 6]))
+    from openmsk.phantom import write_series
+
+    paths = write_series(follow, tmp_path)
+    ds = pydicom.dcmread(paths["dicom_files"][0], stop_before_pixels=True)
+    assert ds.PatientID == base.meta["patient"]["id"] and ds.StudyInstanceUID == follow.meta["uids"]["study"]
+    assert json.loads(paths["truth"].read_text())["regions"]["lateral_tibial_central"]["thickness_mm"] == (
+        pytest.approx(follow.truth["regions"]["lateral_tibial_central"]["baseline_thickness_mm"] - 0.4)
+    )
+    with pytest.raises(ValueError, match="unknown subregion"):
+        generate(7, "small", "coronal", "R", thinning={"femoral_middle": 0.3})
+    with pytest.raises(ValueError, match="thinning"):
+        generate(7, "small", "coronal", "R", thinning={"patellar_medial": 9.0})
+
+
+def test_missing_femur_makes_every_region_not_measurable(
+    small: tuple[Phantom, dict[str, Any], np.ndarray | None],
+) -> None:
+    ph = small[0]
+    labels = ph.labels.copy()
+    labels[labels == 1] = 0
+    m, region_map = analyse_with_regions(labels, ph.spacing)
+    assert region_map is None
+    assert m["tissues"]["tibia"]["volume_mm3"] > 0  # the rest is still measured
+    for entry in m["regions"].values():
+        assert entry["status"] == NOT_MEASURABLE and "femur" in entry["reason"]
+        assert entry["volume_mm3"] is None and entry["thickness_mm"] is None
+    with pytest.raises(NoFrame, match="femur"):
+        knee_frame(labels, ph.spacing)
+
+
+def test_missing_cartilage_makes_its_regions_not_measurable(
+    small: tuple[Phantom, dict[str, Any], np.ndarray | None],
+) -> None:
+    ph = small[0]
+    labels = ph.labels.copy()
+    labels[labels == 7] = 0  # no patellar cartilage
+    m, _ = analyse_with_regions(labels, ph.spacing)
+    for name in ("patellar_medial", "patellar_lateral"):
+        entry = m["regions"][name]
+        assert entry["status"] == NOT_MEASURABLE and "patellar cartilage" in entry["reason"]
+        assert entry["volume_mm3"] is None
+    assert m["regions"]["femoral_anterior"]["volume_mm3"] > 0
+
+
+def test_report_carries_the_regions(
+    small: tuple[Phantom, dict[str, Any], np.ndarray | None], tmp_path: Path
+) -> None:
+    m = small[1]
+    m = json.loads(json.dumps(m))  # as the analysis process hands it over
+    m["regions"]["patellar_lateral"].update(
+        volume_mm3=None, thickness_mm=None, interface_area_mm2=None, status=NOT_MEASURABLE, reason="test"
+    )
+    m["regions"]["femoral_anterior"]["t2_ms"] = {"mean": 40.0, "median": 39.0, "std": 5.0, "p95": 50.0}
+    json_path, csv_path = write_report(m, {"model": "t"}, tmp_path)
+    doc = json.loads(json_path.read_text())
+    assert doc["schema"] == REPORT_SCHEMA == "openmsk.knee-report/2"
+    assert set(doc["regions"]) == set(REGIONS_BY_NAME)
+    assert "pymskt" in doc["method"]["regions"] and "0.6" in doc["method"]["regions"]
+    assert doc["regions"]["patellar_lateral"]["volume_mm3"] is None
+    with csv_path.open(newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["region"]]
+    by = {(r["region"], r["measure"], r["statistic"]): r for r in rows}
+    assert {r["region"] for r in rows} == set(REGIONS_BY_NAME)
+    entry = m["regions"]["femoral_medial_central"]
+    row = by[("femoral_medial_central", "thickness", "median")]
+    assert float(row["value"]) == pytest.approx(entry["thickness_mm"]["median"], abs=5e-4)
+    assert row["unit"] == "mm" and row["tissue"] == "femoral_cartilage" and row["status"] == entry["status"]
+    assert float(by[("femoral_medial_central", "interface_area", "")]["value"]) == pytest.approx(
+        entry["interface_area_mm2"], abs=5e-4
+    )
+    assert by[("femoral_anterior", "t2", "p95")]["unit"] == "ms"
+    lost = by[("patellar_lateral", "volume", "")]
+    assert lost["value"] == "" and lost["status"] == NOT_MEASURABLE
+    assert ("patellar_lateral", "thickness", "mean") not in by
