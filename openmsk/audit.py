@@ -150,7 +150,7 @@ EVENT_CODES: dict[Kind, tuple[str, str, tuple[str, str] | None]] = {
 }
 
 RejectReason = Literal["called-ae", "calling-ae", "no-space"]
-SignInFailure = Literal["wrong-credentials"]
+SignInFailure = Literal["wrong-credentials", "wrong-token"]
 
 
 class Participant(BaseModel):
@@ -515,7 +515,13 @@ def study_viewed(audit: AuditLog, *, principal: str | None, address: str | None,
 
 
 @_guarded
-def sign_in(audit: AuditLog, *, principal: str | None, address: str | None) -> bool:
+def sign_in(
+    audit: AuditLog,
+    *,
+    principal: str | None,
+    address: str | None,
+    reason: SignInFailure = "wrong-credentials",
+) -> bool:
     """A sign-in to the pages or the viewer: ``principal`` when it succeeded, ``None`` when it failed.
 
     A failed attempt names only the address: the user name typed may be anything (a password in the wrong
@@ -526,7 +532,7 @@ def sign_in(audit: AuditLog, *, principal: str | None, address: str | None) -> b
             Action.EXECUTE,
             Outcome.MINOR_FAILURE,
             participants=[Participant(role="user", address=address)],
-            reason="wrong-credentials",
+            reason=reason,
         )
     else:
         entry = event(

@@ -28,6 +28,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.routing import Rule
 
+from openmsk import audit
 from openmsk.config import Settings, load_settings
 from openmsk.managed.process import free_port
 from openmsk.managed.redis import ManagedRedis
@@ -121,6 +122,13 @@ def test_every_web_route_is_public_by_name_or_needs_a_token_or_a_session(
                 assert answer.status_code == 403, where
             checked += 1
     assert checked >= 3 * len(endpoints)
+    # Dozens of wrong tokens from one address: audited, but as one line a minute, not one per request.
+    failures = [
+        e
+        for e in audit.AuditLog(app.config["OPENMSK_SETTINGS"].data_path).read()
+        if e.get("reason") == "wrong-token"
+    ]
+    assert len(failures) == 1 and failures[0]["participants"] == [{"role": "user", "address": "127.0.0.1"}]
 
     # Cross-site: the browser sends the session cookie along, but the forged form or script has no CSRF token.
     browser = app.test_client()

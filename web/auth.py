@@ -16,7 +16,7 @@ The scheme, as the README documents it:
   ambient credentials and need none. The sign-in and sign-out forms check it themselves too, whatever their
   encoding (a cross-site multipart form must not sign a browser in as somebody else).
 - **Audit**: every sign-in (succeeded or failed: then only the address, never the name typed) and sign-out
-  is a line of the audit trail (:mod:`openmsk.audit`).
+  is a line of the audit trail (:mod:`openmsk.audit`); so is a wrong API token, once per address and minute.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 LOGIN_RATE_LIMIT = 10  # sign-in attempts per client address per minute
 WRONG_CREDENTIALS = "Wrong user name or password."
 AUDIT = "openmsk_audit"  # the app's openmsk.audit.AuditLog in app.extensions (web and viewer apps)
+AUDIT_FAILURE_PREFIX = "openmsk:audit:wrong-token:"  # + client address: one audit line a minute
 
 
 def accepted_tokens(settings: Settings) -> list[str]:
@@ -210,6 +211,24 @@ def safe_next(target: str | None, default: str) -> str:
     return default if unsafe or urlsplit(target).netloc else target  # type: ignore[return-value]
 
 
+def _audit_wrong_token() -> None:
+    """A bearer token that is not accepted: one audit line per client address and minute (a script retrying
+    in a loop must not fill the trail), through a Redis key that expires on its own."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    log = current_app.extensions.get(AUDIT)
+    if scheme.lower() != "bearer" or not token.strip() or log is None:
+        return
+    address = request.remote_addr or "?"
+    try:
+        first = current_app.extensions["openmsk_redis"].set(
+            f"{AUDIT_FAILURE_PREFIX}{address}", 1, nx=True, ex=60
+        )
+    except redis.RedisError:
+        first = True  # better one line too many than a failure unaudited
+    if first:
+        audit.sign_in(log, principal=None, address=request.remote_addr, reason="wrong-token")
+
+
 def authenticate_api() -> None:
     """``before_request`` of the API: a bearer token, or the pages' session (then the CSRF header on unsafe
     methods: the pages' scripts send it)."""
@@ -219,6 +238,7 @@ def authenticate_api() -> None:
         return
     principal = session_principal()
     if principal is None:
+        _audit_wrong_token()
         hint = "Send 'Authorization: Bearer <token>' (OPENMSK_API_TOKENS, or DATA_DIR/secrets/api_token)."
         if not credentials().tokens:
             hint = "No API token is configured: set OPENMSK_API_TOKENS or start the node with `openmsk up`."
