@@ -24,8 +24,11 @@ from openmsk.phantom import generate, write_series
 from tests.quality import dice
 
 MODEL = "dosma_2d"
-RESULTS = {"labels.nii.gz", "preview.png", "report.json", "report.csv", "manifest.json"}
-DICOM_RESULTS = {"seg.dcm", "sr.dcm"}
+MAPS = ("femoral", "tibial", "patellar")  # worker/thickness_maps.py: one per cartilage found
+RESULTS = {"labels.nii.gz", "regions.nii.gz", "preview.png", "report.json", "report.csv", "manifest.json"} | {
+    f"thickness_{name}.png" for name in MAPS
+}
+DICOM_RESULTS = {"seg.dcm", "seg_regions.dcm", "sr.dcm"} | {f"thickness_{name}.dcm" for name in MAPS}
 
 
 def _segment(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
