@@ -148,7 +148,7 @@ def write_report(
         "provenance": _plain(provenance),
         "tissues": _plain(measurements["tissues"]),
     }
-    for key in ("regions", "region_frame"):
+    for key in ("regions", "region_frame", "change"):  # change: since the prior visit (worker/prior.py)
         if key in measurements:
             document[key] = _plain(measurements[key])
     json_text = json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
