@@ -255,3 +255,35 @@ def test_report_carries_the_regions(
     lost = by[("patellar_lateral", "volume", "")]
     assert lost["value"] == "" and lost["status"] == NOT_MEASURABLE
     assert ("patellar_lateral", "thickness", "mean") not in by
+
+
+def test_job_page_and_api_rows_show_the_regions(
+    small: tuple[Phantom, dict[str, Any], np.ndarray | None], tmp_path: Path
+) -> None:
+    """The rows ``GET /api/jobs/<id>`` gives as ``regions`` and the job page's table, from a real report."""
+    from flask import Flask, render_template
+
+    import web.pages
+    from web.jobview import region_rows
+
+    m = json.loads(json.dumps(small[1]))
+    m["regions"]["patellar_lateral"].update(
+        volume_mm3=None, thickness_mm=None, status=NOT_MEASURABLE, reason="no patellar cartilage segmented"
+    )
+    json_path, _ = write_report(m, {}, tmp_path)
+    rows = region_rows(json.loads(json_path.read_text()))
+    assert [r["label"] for r in rows] == sorted(REGIONS)
+    central = next(r for r in rows if r["name"] == "femoral_medial_central")
+    assert central["thickness"]["median"] == m["regions"]["femoral_medial_central"]["thickness_mm"]["median"]
+    assert central["status"] == m["regions"]["femoral_medial_central"]["status"]
+
+    app = Flask("test", template_folder=str(Path(web.pages.__file__).parent / "templates"))
+    app.register_blueprint(web.pages.pages)  # its template filters
+    with app.test_request_context():
+        html = render_template("job_regions.html", detail={"regions": rows})
+    assert html.count("<tr data-region=") == len(REGIONS)
+    warning = html[html.index('id="regions-warning"') :]
+    lost = [r for r in rows if r["status"] == NOT_MEASURABLE]
+    assert f"{len(lost)} of {len(REGIONS)} subregions not measurable" in warning
+    assert "Patellar cartilage, lateral facet (no patellar cartilage segmented)" in warning
+    assert "Femoral cartilage, medial weight-bearing (" not in warning

@@ -22,6 +22,7 @@ from openmsk.forwarding import ForwardState, instances_digest
 from openmsk.heartbeat import live_workers
 from openmsk.jobs import STAGES, Delivery, Job, JobNotFound, JobState
 from openmsk.labels import TISSUES
+from openmsk.regions import REGIONS_BY_NAME
 from web.errors import RequestError
 from web.outputs import ensure_outputs
 from web.retention import expires_at
@@ -185,7 +186,12 @@ def detail(
         "attempts": job.attempts,
         "waiting": job.waiting or None,
         "input_via": job.input_via or None,
+        "regions": region_rows(report) if (report := _done_report(job, settings)) else [],
     }
+
+
+def _done_report(job: Job, settings: Settings) -> dict[str, Any] | None:
+    return read_report(job, settings) if job.state is JobState.DONE else None
 
 
 def read_report(job: Job, settings: Settings) -> dict[str, Any] | None:
@@ -225,6 +231,34 @@ def measurement_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "thickness": {k: thickness.get(k) for k in ("mean", "median", "std", "p95")}
                 if thickness
                 else None,
+            }
+        )
+    return sorted(rows, key=lambda row: row["label"] if isinstance(row["label"], int) else 999)
+
+
+def region_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The cartilage subregion table (job page and API): one row per region of ``report.json``'s ``regions``
+    in label order, with volume, thickness mean and median, status and, when not measurable, the reason."""
+    regions = report.get("regions")
+    if not isinstance(regions, dict):
+        return []
+    rows = []
+    for name, entry in regions.items():
+        if not isinstance(entry, dict):
+            continue
+        known = REGIONS_BY_NAME.get(name)
+        thickness = entry.get("thickness_mm") if isinstance(entry.get("thickness_mm"), dict) else None
+        rows.append(
+            {
+                "name": name,
+                "label": entry.get("label", known.label if known else 0),
+                "display_name": entry.get("display_name") or (known.display_name if known else name),
+                "tissue": entry.get("tissue"),
+                "colour": "#{:02x}{:02x}{:02x}".format(*known.rgb) if known else "#888888",
+                "volume_mm3": entry.get("volume_mm3"),
+                "thickness": {k: thickness.get(k) for k in ("mean", "median")} if thickness else None,
+                "status": entry.get("status"),
+                "reason": entry.get("reason"),
             }
         )
     return sorted(rows, key=lambda row: row["label"] if isinstance(row["label"], int) else 999)
