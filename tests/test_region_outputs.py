@@ -436,3 +436,51 @@ def test_patient_key_hashes_and_refuses_a_missing_match() -> None:
         patient_key("", "L")
     with pytest.raises(ValueError):
         patient_key("P1", "X")
+
+
+def test_a_job_remembers_its_result_and_the_next_visit_gets_the_change(
+    visits: dict[str, Any], redis_client: Any, tmp_path: Path
+) -> None:
+    """What the pipeline does (worker/region_outputs.py): the baseline job finds no prior and is remembered;
+    the follow-up's measurements get ``change``, and its maps, region SEG and SCs are listed for delivery."""
+    from worker.prior import PriorLookup
+    from worker.region_outputs import add_change, write_region_outputs
+
+    base, follow = visits["base"], visits["follow"]
+    lookup = PriorLookup(node=NodePriors(redis_client), job_id="baseline-job")
+    base_m = dict(base["m"])
+    add_change(base_m, base["volume"], lookup, MODEL, VERSION)
+    assert "change" not in base_m  # the first visit: nothing to compare with
+    follow_m = dict(follow["m"])
+    add_change(
+        follow_m, follow["volume"], PriorLookup(node=NodePriors(redis_client), job_id="f"), MODEL, VERSION
+    )
+    assert follow_m["change"]["prior"]["job_id"] == "baseline-job"
+    assert follow_m["change"]["regions"][THINNED]["thickness_mean_mm"] == pytest.approx(
+        -THINNING_MM, abs=0.15
+    )
+    add_change(follow_m, follow["volume"], None, MODEL, VERSION)  # no priors configured: left as it is
+    assert "change" in follow_m
+
+    out = write_region_outputs(
+        follow["volume"], follow["ph"].labels, follow["ph"].regions, follow_m, MODEL, VERSION, tmp_path
+    )
+    names = sorted(p.name for p in out.files)
+    assert names == sorted(
+        ["seg_regions.dcm"] + [f"thickness_{m.name}.{ext}" for m in MAPS for ext in ("png", "dcm")]
+    )
+    assert {Path(p).name for p, _, _ in out.dicom} == {n for n in names if n.endswith(".dcm")}
+    assert out.region_seg is not None
+    sr = write_sr(
+        write_seg(follow["volume"], follow["ph"].labels, MODEL, VERSION, tmp_path / "seg.dcm").dataset,
+        follow["volume"], follow_m, MODEL, VERSION, tmp_path / "sr.dcm", region_seg=out.region_seg,
+    )  # fmt: skip
+    assert THINNED in sr.changes and "femoral_cartilage" in sr.changes
+    # Without DICOM (a NIfTI input): the PNG maps only.
+    plain = write_region_outputs(
+        follow["volume"], follow["ph"].labels, None, follow_m, MODEL, VERSION, tmp_path / "plain",
+        dicom_outputs=False,
+    )  # fmt: skip
+    assert sorted(p.name for p in plain.files) == [
+        f"thickness_{m.name}.png" for m in sorted(MAPS, key=lambda m: m.name)
+    ]

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     import redis
     from pydicom.dataset import Dataset
 
+    from openmsk.config import Settings
+
 __all__ = [
     "SR_SERIES_DESCRIPTION_PREFIX",
     "NodePriors",
@@ -350,6 +352,16 @@ class PriorLookup:
     node: NodePriors | None = None
     archives: Sequence[PriorSource] = ()
     job_id: str | None = None
+
+    @classmethod
+    def for_job(cls, client: redis.Redis, settings: Settings, job_id: str) -> PriorLookup:
+        """This node's priors in *client* (the job store's Redis) and, where one is configured, the Orthanc."""
+        archives = (
+            [OrthancPriors(settings.orthanc_url, settings.orthanc_user, settings.orthanc_password)]
+            if settings.orthanc_url
+            else []
+        )
+        return cls(node=NodePriors(client), archives=archives, job_id=job_id)
 
     def change_and_remember(
         self, source: Dataset, measurements: dict[str, Any], model_name: str, model_version: str

@@ -4,6 +4,7 @@
 replaces it); ``content.py`` says what it holds (codes, descriptions, series numbers). ``general.py`` is what
 all of them share (equipment identity, the source series, the atomic write).
 
-- ``seg/`` - the knee Segmentation (tissues).
-- ``sr/`` - the TID 1500 measurement report.
+- ``seg/`` - the knee Segmentations: tissues, and cartilage subregions (``regions=True``).
+- ``sr/`` - the TID 1500 measurement report (tissues, subregions, change since the prior visit).
+- ``sc/`` - Secondary Capture images of the cartilage thickness maps.
 """
