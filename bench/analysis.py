@@ -1,12 +1,19 @@
 """Knee analysis on a full-size phantom: time against the seed pipeline's mesh-based baseline, and accuracy.
 
-    .venv/bin/python bench/analysis.py [--seed 3] [--orientation oblique] [--repeat 3] [--seg]
+    .venv/bin/python bench/analysis.py [--seed 3] [--orientation oblique] [--laterality L] [--repeat 3] [--seg]
+    .venv/bin/python bench/analysis.py --regions      # every plane, both knees: subregion Dice and thickness
+    .venv/bin/python bench/analysis.py --follow-up    # 0.3 mm thinner medial weight-bearing femur
+    .venv/bin/python bench/analysis.py --model        # the same through the default model's segmentation
 
 Generates a full-size phantom (384 × 384 × 160 at 0.36 × 0.36 × 0.7 mm), runs ``worker.analysis.analyse`` on
-its labels ``--repeat`` times and prints the best and median wall time, their ratio to the 3.5 min (210 s) of
-the seed pipeline's mesh-based thickness, and each cartilage's thickness error against the phantom's truth.
-With ``--seg`` it also writes the BINARY and LABELMAP SEG and the SR of the same labels and prints their time
-and size (the first SEG write of a process pays highdicom's one-time set-up, so it is done once untimed).
+its labels ``--repeat`` times and prints the best and median wall time of the whole analysis (tissues and
+cartilage subregions) against its 3 s budget and the 3.5 min (210 s) of the seed pipeline's mesh-based
+thickness, the subregion step's share, and each cartilage's and subregion's thickness error against the
+phantom's truth. With ``--seg`` it also writes the BINARY and LABELMAP SEG and the SR of the same labels and
+prints their time and size (the first SEG write of a process pays highdicom's one-time set-up, so it is done
+once untimed). ``--regions`` repeats the subregion check on eight phantoms (four planes × two knees),
+``--follow-up`` on a follow-up with one region thinned, ``--model`` on the default model's segmentation of
+the phantom (CPU inference: minutes).
 """
 
 from __future__ import annotations
@@ -21,11 +28,101 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
+
 from openmsk.labels import CARTILAGES
-from openmsk.phantom import ORIENTATIONS, Phantom, generate, write_series
-from worker.analysis import analyse
+from openmsk.phantom import LATERALITIES, ORIENTATIONS, Phantom, generate, write_series
+from openmsk.regions import REGIONS, REGIONS_BY_NAME
+from worker.analysis import analyse, analyse_with_regions
 
 BASELINE_S = 3.5 * 60  # the seed pipeline's mesh-based thickness on the same size of knee
+BUDGET_S = 3.0  # the whole analysis (tissues + subregions) on a full-size knee, one core
+FOLLOW_UP = ("femoral_medial_central", 0.3)
+
+
+def _region_table(
+    phantom: Phantom, measurements: dict[str, Any], region_map: np.ndarray | None
+) -> list[float]:
+    """Print per subregion: Dice vs the phantom's subregions, truth and measured thickness; return |errors|."""
+    print(
+        f"  {'subregion':26s} {'dice':>5s} {'truth':>6s} {'mean':>6s} {'err':>7s} {'median':>6s} {'err':>7s}"
+    )
+    errors = []
+    for label, region in REGIONS.items():
+        entry = measurements["regions"][region.name]
+        truth = phantom.truth["regions"][region.name]["thickness_mm"]
+        dice = float("nan")
+        if region_map is not None and phantom.regions is not None:
+            a, b = region_map == label, phantom.regions == label
+            dice = 2 * float((a & b).sum()) / max(1, int(a.sum()) + int(b.sum()))
+        th = entry["thickness_mm"]
+        if th is None:
+            print(f"  {region.name:26s} {dice:5.3f} {truth:6.2f}  not measurable: {entry['reason']}")
+            continue
+        errors.append(abs(th["mean"] / truth - 1))
+        print(
+            f"  {region.name:26s} {dice:5.3f} {truth:6.2f} {th['mean']:6.3f} {100 * (th['mean'] / truth - 1):+6.1f}% "
+            f"{th['median']:6.3f} {100 * (th['median'] / truth - 1):+6.1f}%"
+        )
+    if errors:
+        print(
+            f"  median |error| over subregions {100 * float(np.median(errors)):.1f} %, worst {100 * max(errors):.1f} %"
+        )
+    return errors
+
+
+def _all_regions(seed: int) -> None:
+    """Subregion Dice and thickness on full-size phantoms in every plane, both knees."""
+    worst_dice, worst_error = 1.0, 0.0
+    for orientation in ORIENTATIONS:
+        for laterality in LATERALITIES:
+            phantom = generate(seed=seed, size="full", orientation=orientation, laterality=laterality)
+            start = time.perf_counter()
+            measurements, region_map = analyse_with_regions(phantom.labels, phantom.spacing)
+            print(f"{orientation} {laterality}: analysis {time.perf_counter() - start:.2f} s")
+            errors = _region_table(phantom, measurements, region_map)
+            worst_error = max([worst_error, *errors])
+            for label in REGIONS:
+                a, b = region_map == label, phantom.regions == label
+                worst_dice = min(worst_dice, 2 * float((a & b).sum()) / max(1, int(a.sum()) + int(b.sum())))
+    print(
+        f"over all: lowest subregion Dice {worst_dice:.3f} (needs >= 0.90), worst |error| {100 * worst_error:.1f} %"
+    )
+
+
+def _follow_up(seed: int, orientation: str, laterality: str) -> None:
+    """Change per subregion between a baseline and a follow-up with one region thinned."""
+    name, mm = FOLLOW_UP
+    base = generate(seed=seed, size="full", orientation=orientation, laterality=laterality)
+    follow = generate(seed, "full", orientation, laterality, thinning={name: mm})
+    m0, m1 = analyse(base.labels, base.spacing), analyse(follow.labels, follow.spacing)
+    print(f"follow-up: {name} thinned by {mm} mm ({orientation} {laterality})")
+    for region in REGIONS_BY_NAME:
+        change = m1["regions"][region]["thickness_mm"]["mean"] - m0["regions"][region]["thickness_mm"]["mean"]
+        truth = (
+            follow.truth["regions"][region]["thickness_mm"] - base.truth["regions"][region]["thickness_mm"]
+        )
+        print(
+            f"  {region:26s} truth {truth:+.3f} mm  measured {change:+.3f} mm  error {change - truth:+.3f} mm"
+        )
+
+
+def _through_model(phantom: Phantom) -> None:
+    """The subregion measurements on the default model's segmentation of *phantom* (what a user gets)."""
+    from openmsk.config import REPO_DIR
+    from openmsk.models.registry import load_registry
+    from worker.models.segmenter import from_canonical, load_segmenter, to_canonical
+
+    entry = load_registry(REPO_DIR / "models" / "registry.toml").default()
+    segmenter = load_segmenter(entry, "cpu")
+    start = time.perf_counter()
+    canonical = to_canonical(phantom.image, phantom.affine_lps)
+    labels = from_canonical(segmenter.segment(canonical.image, canonical.spacing), canonical)
+    print(f"default model {entry.name} {entry.version}: segmented in {time.perf_counter() - start:.0f} s")
+    start = time.perf_counter()
+    measurements, region_map = analyse_with_regions(labels, phantom.spacing)
+    print(f"analysis of its segmentation: {time.perf_counter() - start:.2f} s")
+    _region_table(phantom, measurements, region_map)
 
 
 def _seg_and_sr(phantom: Phantom, measurements: dict[str, Any]) -> None:
@@ -58,24 +155,47 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--orientation", default="oblique", choices=ORIENTATIONS)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--laterality", default="R", choices=LATERALITIES)
     parser.add_argument("--seg", action="store_true", help="also time the SEG and SR writers")
+    parser.add_argument("--regions", action="store_true", help="subregions in every plane, both knees")
+    parser.add_argument("--follow-up", action="store_true", help="change per subregion after thinning")
+    parser.add_argument("--model", action="store_true", help="also through the default model's labels")
     args = parser.parse_args()
+    if args.regions:
+        _all_regions(args.seed)
+        return
+    if args.follow_up:
+        _follow_up(args.seed, args.orientation, args.laterality)
+        return
 
     start = time.perf_counter()
-    phantom = generate(seed=args.seed, size="full", orientation=args.orientation)
+    phantom = generate(seed=args.seed, size="full", orientation=args.orientation, laterality=args.laterality)
     print(
-        f"phantom seed {args.seed} {args.orientation} full {phantom.labels.shape}: "
+        f"phantom seed {args.seed} {args.orientation} {args.laterality} full {phantom.labels.shape}: "
         f"{time.perf_counter() - start:.1f} s to generate"
     )
 
-    times = []
+    from scipy import ndimage as ndi
+
+    from worker.subregions import assign_regions
+
+    # The worker hands the analysis Fortran-ordered labels (its slice layout): time that layout.
+    labels = np.asfortranarray(phantom.labels)
+    times, region_times = [], []
     measurements: dict[str, Any] = {}
+    region_map = None
     for _ in range(max(1, args.repeat)):
         start = time.perf_counter()
-        measurements = analyse(phantom.labels, phantom.spacing)
+        measurements, region_map = analyse_with_regions(labels, phantom.spacing)
         times.append(time.perf_counter() - start)
+        boxes = [None if b is None else b[::-1] for b in ndi.find_objects(labels.T)]
+        start = time.perf_counter()
+        assign_regions(labels, phantom.spacing, boxes)
+        region_times.append(time.perf_counter() - start)
     best, median = min(times), statistics.median(times)
-    print(f"analyse: best {best:.2f} s, median {median:.2f} s over {len(times)} runs")
+    print(f"analyse (tissues + subregions): best {best:.2f} s, median {median:.2f} s over {len(times)} runs")
+    print(f"  of which the subregion frame and assignment: median {statistics.median(region_times):.3f} s")
+    print(f"ratio to the {BUDGET_S:.0f} s budget: {median / BUDGET_S:.2f}")
     print(
         f"ratio to the mesh-based baseline ({BASELINE_S:.0f} s): {median / BASELINE_S:.4f} "
         f"({BASELINE_S / median:.0f}× faster)"
@@ -93,8 +213,11 @@ def main() -> None:
             f"{th['median']:6.3f} {100 * (th['median'] / truth - 1):+6.1f}% {th['p95']:6.2f} "
             f"{th['voxels_across']:5.1f}"
         )
+    _region_table(phantom, measurements, region_map)
     if args.seg:
         _seg_and_sr(phantom, measurements)
+    if args.model:
+        _through_model(phantom)
 
 
 if __name__ == "__main__":
