@@ -287,3 +287,24 @@ def test_job_page_and_api_rows_show_the_regions(
     assert f"{len(lost)} of {len(REGIONS)} subregions not measurable" in warning
     assert "Patellar cartilage, lateral facet (no patellar cartilage segmented)" in warning
     assert "Femoral cartilage, medial weight-bearing (" not in warning
+
+
+def test_odd_segmentations_never_fail_the_analysis() -> None:
+    """Blocks and specks instead of a knee: every region gets an entry, measured or with a reason."""
+    rng = np.random.default_rng(3)
+    for trial in range(4):
+        labels = np.zeros((40, 36, 30), dtype=np.uint8)
+        labels[5:35, 5:30, 16:28] = 1  # femur above
+        labels[5:35, 5:30, 2:12] = 2  # tibia below
+        for value in range(3, 10):
+            for _ in range(trial + 1):
+                i, j, k = rng.integers(0, 30), rng.integers(0, 30), rng.integers(0, 28)
+                labels[i : i + 3, j : j + 3, k : k + 2] = value
+        m, region_map = analyse_with_regions(labels, (1.0, 1.2, 1.5))
+        assert set(m["regions"]) == set(REGIONS_BY_NAME)
+        assert region_map is None or region_map.shape == labels.shape
+        for entry in m["regions"].values():
+            assert entry["status"] in (MEASURED, NOT_MEASURABLE)
+            assert (entry["status"] == MEASURED) == (entry["reason"] is None)
+            assert entry["volume_mm3"] is None or entry["volume_mm3"] > 0
+        json.dumps(m, allow_nan=False)  # what report.json needs

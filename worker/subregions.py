@@ -199,6 +199,8 @@ def knee_frame(
     flat -= np.outer(flat @ superior, superior)
     _, vectors = np.linalg.eigh(flat.T @ flat)
     ml = vectors[:, -1] - (vectors[:, -1] @ superior) * superior
+    if np.linalg.norm(ml) < 1e-6:  # a degenerate tibia (a sliver): the compartments' direction instead
+        ml = side
     ml /= np.linalg.norm(ml)
     if ml @ side < 0:
         ml = -ml
@@ -232,7 +234,9 @@ def _femoral(coords: NDArray[np.float64], bin_mm: float) -> tuple[NDArray[np.uin
     centres = 0.5 * (edges[:-1] + edges[1:])
     empty = counts <= 0.02 * max(1, counts.max())
     runs = [r for r in _runs(empty) if r[0] > 0 and r[1] < len(counts)]  # a gap between two condyles
-    if runs:
+    if len(behind) == 0:
+        m_notch, half = 0.0, bin_mm  # no condyles behind the shaft: the shaft axis
+    elif runs:
         lo, hi = min(runs, key=lambda r: abs(0.5 * (centres[r[0]] + centres[r[1] - 1])))
         m_notch = 0.5 * (centres[lo] + centres[hi - 1])
         half = max(0.5 * (hi - lo - 2) * bin_mm, 0.5 * bin_mm)
