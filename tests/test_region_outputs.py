@@ -260,6 +260,12 @@ def test_maps_are_written_and_follow_the_anatomy_not_the_grid(case: dict[str, An
     assert turned.thickness_mm.shape[::-1] == pytest.approx(tibial.thickness_mm.shape, abs=2)
     with pytest.raises(ValueError, match="rotation"):
         AnatomicalFrame(np.diag([1.0, 1.0, -1.0]), centre)
+    # The analysis' knee axes (grid mm space: medial, anterior, superior) become the same frame: the
+    # phantom's knee is straight in the patient's axes, whatever the grid's orientation and the side.
+    from_analysis = AnatomicalFrame.from_grid_axes(case["m"]["region_frame"]["axes"], ph.affine_lps)
+    assert from_analysis is not None
+    np.testing.assert_allclose(from_analysis.rotation, np.eye(3), atol=0.05)
+    assert AnatomicalFrame.from_grid_axes({"medial": [1, 0, 0]}, ph.affine_lps) is None
 
 
 def test_thickness_secondary_captures_pass_dciodvfy_and_keep_their_uids(

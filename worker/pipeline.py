@@ -176,6 +176,7 @@ def segment_volume(
         entry.version,
         out_dir,
         dicom_outputs=dicom_outputs,
+        labelmap=labelmap_seg,
     )
     outputs.files.extend(region_out.files)
     outputs.dicom.extend(DicomResult(*item) for item in region_out.dicom)

@@ -38,17 +38,11 @@ class RegionOutputs:
     region_seg: Dataset | None = None
 
 
-def _frame(
-    measurements: dict[str, Any], labels: NDArray[Any], affine: NDArray[Any]
-) -> AnatomicalFrame | None:
+def _rotation(measurements: dict[str, Any], affine: NDArray[Any]) -> NDArray[Any] | None:
+    """The knee frame's rotation from the analysis (``region_frame``), else None (the patient axes)."""
     axes = (measurements.get("region_frame") or {}).get("axes")
-    if not axes:
-        return None
-    cartilage = np.argwhere(np.isin(labels, (4, 5, 6, 7)))
-    if not len(cartilage):
-        return None
-    origin = affine[:3, :3] @ cartilage.mean(axis=0) + affine[:3, 3]
-    return AnatomicalFrame.from_grid_axes(axes, affine, origin)
+    frame = AnatomicalFrame.from_grid_axes(axes, affine) if axes else None
+    return None if frame is None else frame.rotation
 
 
 def write_region_outputs(
@@ -61,21 +55,23 @@ def write_region_outputs(
     out_dir: Path,
     *,
     dicom_outputs: bool = True,
+    labelmap: bool = False,
 ) -> RegionOutputs:
     """Thickness maps (``thickness_<cartilage>.png``), and with DICOM outputs the region SEG
-    (``seg_regions.dcm``) and the maps' Secondary Captures (``thickness_<cartilage>.dcm``)."""
+    (``seg_regions.dcm``, a Label Map SEG with *labelmap*, like the tissue SEG) and the maps' Secondary
+    Captures (``thickness_<cartilage>.dcm``)."""
     out = RegionOutputs()
     affine = np.asarray(volume.affine_lps, dtype=np.float64)
     laterality = knee_laterality(volume.sources[0]) if volume.sources else None
     maps = write_thickness_maps(
-        labels, affine, out_dir, frame=_frame(measurements, labels, affine), laterality=laterality
+        labels, affine, out_dir, laterality=laterality, rotation=_rotation(measurements, affine)
     )
     out.files.extend(m.path for m in maps if m.path is not None)
     if not dicom_outputs:
         return out
     if region_map is not None and np.any(region_map):
         path = out_dir / "seg_regions.dcm"
-        rseg = write_seg(volume, region_map, model_name, model_version, path, regions=True)
+        rseg = write_seg(volume, region_map, model_name, model_version, path, regions=True, labelmap=labelmap)
         out.region_seg = rseg.dataset
         out.files.append(path)
         out.dicom.append((path, str(rseg.dataset.SOPClassUID), rseg.sop_uid))

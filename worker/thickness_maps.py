@@ -308,6 +308,7 @@ def thickness_maps(
     *,
     frame: AnatomicalFrame | None = None,
     laterality: str | None = None,
+    rotation: NDArray[Any] | None = None,
 ) -> list[ThicknessMap]:
     """The maps of the cartilages present in *labels* (canonical tissue labels, index (i, j, k)).
 
@@ -318,7 +319,10 @@ def thickness_maps(
     affine_lps: numpy.ndarray
         4x4 voxel (i, j, k) -> patient LPS mm.
     frame: AnatomicalFrame | None
-        The knee's anatomical frame; default: the patient axes at the centroid of the cartilage.
+        The knee's anatomical frame; default: *rotation* (else the patient axes) at the centroid of the
+        cartilage.
+    rotation: numpy.ndarray | None
+        The frame's rotation alone (:attr:`AnatomicalFrame.rotation`), when the caller has no origin.
     laterality: str | None
         ``"R"`` or ``"L"``, named in the title.
     """
@@ -347,7 +351,8 @@ def thickness_maps(
     affine[:3, 3] += affine[:3, :3] @ offset
     if frame is None:
         cartilage = (labels >= min(wanted)) & (labels <= max(wanted))
-        frame = AnatomicalFrame.patient_axes(_voxel_points(cartilage, affine).mean(axis=0))
+        centre = _voxel_points(cartilage, affine).mean(axis=0)
+        frame = AnatomicalFrame(np.eye(3) if rotation is None else np.asarray(rotation), centre)
     out = []
     for spec in MAPS:
         computed = _map_values(spec, labels, affine, frame)
@@ -367,6 +372,7 @@ def write_thickness_maps(
     *,
     frame: AnatomicalFrame | None = None,
     laterality: str | None = None,
+    rotation: NDArray[Any] | None = None,
 ) -> list[ThicknessMap]:
     """Compute the maps and write each as ``thickness_<name>.png`` in *out_dir* (atomically)."""
     from PIL import Image
@@ -374,7 +380,7 @@ def write_thickness_maps(
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for m in thickness_maps(labels, affine_lps, frame=frame, laterality=laterality):
+    for m in thickness_maps(labels, affine_lps, frame=frame, laterality=laterality, rotation=rotation):
         path = folder / f"thickness_{m.spec.name}.png"
         with atomic_file(path) as fh:
             Image.fromarray(m.rgb).save(fh, format="PNG")
