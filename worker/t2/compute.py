@@ -24,6 +24,7 @@ from worker.t2.parameters import (
     qdess_parameters,
 )
 from worker.t2.qdess import T2_BOUNDS_MS, qdess_t2
+from worker.t2.statistics import T2_TISSUES
 
 __all__ = ["T2_MODEL_VERSION", "T2Map", "compute_t2"]
 
@@ -72,7 +73,9 @@ def compute_t2(
         }
         return T2Map(t2, "qdess", method)
     params_mese = mese_parameters(volume.echo_times_ms)
-    fit = mese_t2(volume.echoes, params_mese.echo_times_ms, skip_first_echo=skip_first_echo)
+    # Fitted in the tissues T2 is reported for: the whole knee would take a minute at full size.
+    mask = np.isin(labels, T2_TISSUES)
+    fit = mese_t2(volume.echoes, params_mese.echo_times_ms, skip_first_echo=skip_first_echo, mask=mask)
     method = {
         "model": "mono-exponential fit per voxel (weighted log-linear start, Gauss-Newton refinement)",
         "echo_times_ms": list(params_mese.echo_times_ms),
@@ -80,5 +83,6 @@ def compute_t2(
         "min_r2": MIN_R2,
         "bounds_ms": [0.0, 100.0],
         "segmented_image": "echo 1",
+        "fitted_voxels": "segmented cartilage and menisci",
     }
     return T2Map(fit.t2_ms, "mese", method)
