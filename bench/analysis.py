@@ -113,7 +113,7 @@ def _through_model(phantom: Phantom) -> None:
     from openmsk.models.registry import load_registry
     from worker.models.segmenter import from_canonical, load_segmenter, to_canonical
 
-    entry = load_registry(REPO_DIR / "models" / "registry.toml").default()
+    entry = load_registry(REPO_DIR / "models" / "registry.toml").default
     segmenter = load_segmenter(entry, "cpu")
     start = time.perf_counter()
     canonical = to_canonical(phantom.image, phantom.affine_lps)
