@@ -388,10 +388,19 @@ def test_prior_sr_found_in_orthanc_and_the_change_reported(
         region_seg=base["rseg"].dataset,
     )
     auth = (orthanc_server.user, orthanc_server.password)
-    upload = requests.post(
-        f"{orthanc_server.url}/instances", data=sr.path.read_bytes(), auth=auth, timeout=10
+    maps = write_thickness_sc(
+        base["volume"], thickness_maps(base["ph"].labels, base["ph"].affine_lps), MODEL, VERSION, tmp_path
     )
-    upload.raise_for_status()
+    for path in [sr.path, base["rseg"].path, *(m.path for m in maps)]:
+        upload = requests.post(
+            f"{orthanc_server.url}/instances", data=path.read_bytes(), auth=auth, timeout=10
+        )
+        upload.raise_for_status()
+        # Every result lands in the source study, so a PACS shows it beside the images.
+        tags = requests.get(
+            f"{orthanc_server.url}/instances/{upload.json()['ID']}/simplified-tags", auth=auth, timeout=10
+        ).json()
+        assert tags["StudyInstanceUID"] == str(base["volume"].sources[0].StudyInstanceUID)
 
     pid, follow_date, follow_uid = _study(follow["volume"])
     source = OrthancPriors(orthanc_server.url, orthanc_server.user, orthanc_server.password)
