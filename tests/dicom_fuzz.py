@@ -247,8 +247,16 @@ def proper(status: int) -> bool:
 class RawStoreClient:
     """An SCU that sends :class:`Case` bytes as C-STORE data sets over one association per context set."""
 
-    def __init__(self, host: str, port: int, called_ae: str = "OPENMSK", calling_ae: str = "FUZZER") -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        called_ae: str = "OPENMSK",
+        calling_ae: str = "FUZZER",
+        timeout_s: float = 10,
+    ) -> None:
         self.host, self.port, self.called_ae, self.calling_ae = host, port, called_ae, calling_ae
+        self.timeout_s = timeout_s  # no answer within this: the case counts as crashed
         self.assoc: Any = None
         self._message_id = 0
 
@@ -258,7 +266,7 @@ class RawStoreClient:
 
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.network_timeout = 30
-        ae.dimse_timeout = 10  # no answer within this counts as crashed
+        ae.dimse_timeout = self.timeout_s
         for sop_class, syntax in contexts:
             ae.add_requested_context(sop_class, syntax)
         self.assoc = ae.associate(self.host, self.port, ae_title=self.called_ae)

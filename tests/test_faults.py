@@ -27,13 +27,12 @@ from pathlib import Path
 import pydicom
 import pytest
 import redis
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
-from pynetdicom import AE
 from pynetdicom.dsutils import split_dataset
 
 from openmsk.config import Settings
 from openmsk.jobs import JobStore
 from openmsk.managed.redis import ManagedRedis
+from tests.dicom_fuzz import Case, RawStoreClient
 from tests.mr_series import write_mr_series
 from tests.processes import health, openmsk, settings_env, wait_for
 
@@ -130,25 +129,45 @@ def storescu(port: int, files: list[Path], calling: str = "SENDER") -> set[str]:
     return acked
 
 
-def pynetdicom_send(port: int, files: list[Path], calling: str, acked: set[str] | None = None) -> set[str]:
-    """Send ``files`` on one pynetdicom association; acknowledged SOP UIDs (also added to ``acked`` live)."""
-    acked = set() if acked is None else acked
-    ae = AE(ae_title=calling)
-    ae.dimse_timeout = 5  # a killed SCP never answers: give up soon (a healthy one answers in milliseconds)
-    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port, ae_title="OPENMSK")
-    if not assoc.is_established:
-        return acked
+def file_case(path: Path) -> Case:
+    """A DICOM file as a fuzzer case: its data set bytes as stored, on its own SOP class and syntax."""
+    meta, offset = split_dataset(path)
+    return Case(
+        path.name, str(meta.TransferSyntaxUID), path.read_bytes()[offset:],
+        str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID),
+    )  # fmt: skip
+
+
+def pynetdicom_statuses(
+    port: int, files: list[Path], calling: str, acked: set[str] | None = None
+) -> list[int]:
+    """Send ``files`` on one pynetdicom association; the status of each (stops at the first unanswered).
+
+    Acknowledged SOP UIDs are also added to ``acked`` as they come. Sent with :class:`RawStoreClient`: the
+    stock ``send_c_store`` loses a fast answer now and then (see ``tests/dicom_fuzz.py``).
+    """
+    cases = [file_case(p) for p in files]
+    client = RawStoreClient("127.0.0.1", port, calling_ae=calling, timeout_s=5)  # a killed SCP never answers
+    statuses: list[int] = []
+    if not client.open(sorted({(c.sop_class_uid, c.transfer_syntax) for c in cases})):
+        return statuses
     try:
-        for path in files:
-            status = assoc.send_c_store(path)
-            if not assoc.is_established or getattr(status, "Status", None) is None:
+        for case in cases:
+            status = client.send(case)
+            if status is None:
                 break
-            if status.Status == 0x0000:
-                acked.add(sop_of(path)[2])
+            statuses.append(status)
+            if status == 0x0000 and acked is not None:
+                acked.add(case.sop_instance_uid)
     finally:
-        if assoc.is_established:
-            assoc.release()
+        client.close()
+    return statuses
+
+
+def pynetdicom_send(port: int, files: list[Path], calling: str, acked: set[str] | None = None) -> set[str]:
+    """Send ``files`` on one pynetdicom association; the acknowledged SOP UIDs (also added to ``acked``)."""
+    acked = set() if acked is None else acked
+    pynetdicom_statuses(port, files, calling, acked)
     return acked
 
 
@@ -292,16 +311,8 @@ def test_disk_full_answers_out_of_resources_writes_nothing_half_and_recovers(
         files = write_mr_series(tmp_path / "big", 40, 512, 256, seed=21)  # 256 kB each: 10 MB > 8 MB
         ballast = data / "ballast"
         ballast.write_bytes(b"\0" * (1 << 20))  # 1 MB to free later
-        statuses: list[int] = []
-        ae = AE(ae_title="FILLER")
-        ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
-        assoc = ae.associate("127.0.0.1", configured.scp_port, ae_title="OPENMSK")
-        assert assoc.is_established
-        try:
-            for path in files:
-                statuses.append(int(assoc.send_c_store(path).Status))
-        finally:
-            assoc.release()
+        statuses = pynetdicom_statuses(configured.scp_port, files, "FILLER")
+        assert len(statuses) == len(files)  # every C-STORE answered
         full = [s for s in statuses if s != 0]
         print(f"\n{statuses.count(0)} stored, then {len(full)} refused: {sorted({hex(s) for s in full})}")
         assert statuses.count(0) > 0 and full, statuses
