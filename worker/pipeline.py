@@ -159,7 +159,14 @@ def segment_volume(
     if t2 and isinstance(volume, MultiEchoVolume):
         # T2 before the report and SR, so both carry its statistics; missing parameters are a warning.
         t2_out = run_t2(
-            volume, labels, measurements, entry.name, entry.version, out_dir, dicom_outputs=dicom_outputs
+            volume,
+            labels,
+            measurements,
+            entry.name,
+            entry.version,
+            out_dir,
+            region_labels=analysis.region_map,  # T2 per subregion too, where the analysis made them
+            dicom_outputs=dicom_outputs,
         )
         outputs.files.extend(t2_out.files)
         outputs.dicom.extend(DicomResult(*item) for item in t2_out.dicom)
