@@ -477,6 +477,29 @@ def test_a_job_remembers_its_result_and_the_next_visit_gets_the_change(
     add_change(follow_m, follow["volume"], None, MODEL, VERSION)  # no priors configured: left as it is
     assert "change" in follow_m
 
+    # report.json carries it, and the job page shows it from there.
+    import json
+
+    from flask import Flask, render_template
+
+    import web.pages
+    from worker.report import write_report
+
+    json_path, _ = write_report(follow_m, {}, tmp_path / "report")
+    report = json.loads(json_path.read_text())
+    assert report["change"]["regions"][THINNED] == pytest.approx(follow_m["change"]["regions"][THINNED])
+    app = Flask("test", template_folder=str(Path(web.pages.__file__).parent / "templates"))
+    app.register_blueprint(web.pages.pages)  # its template filters
+    with app.test_request_context():
+        html = render_template("job_change.html", report=report)
+        refused = render_template(
+            "job_change.html",
+            report={"change": compare(follow_m, Prior("20200101", "1.2", "other", "1"), MODEL, VERSION)},
+        )
+    assert html.count("<tr data-region=") == len(report["change"]["regions"])
+    assert f"{report['change']['regions'][THINNED]['thickness_mean_mm']:.2f}" in html
+    assert 'id="change-not-comparable"' in refused and "<tr data-region=" not in refused
+
     out = write_region_outputs(
         follow["volume"], follow["ph"].labels, follow["ph"].regions, follow_m, MODEL, VERSION, tmp_path
     )
