@@ -149,6 +149,8 @@ EVENT_CODES: dict[Kind, tuple[str, str, tuple[str, str] | None]] = {
     Kind.SIGN_OUT: ("110114", "User Authentication", ("110123", "Logout")),
 }
 
+IMPORT_CODES = ("110107", "Import", None)  # a job made from an upload
+
 RejectReason = Literal["called-ae", "calling-ae", "no-space"]
 SignInFailure = Literal["wrong-credentials", "wrong-token"]
 
@@ -216,9 +218,10 @@ def event(
     participants: Iterable[Participant] = (),
     objects: Objects | None = None,
     reason: str | None = None,
+    codes: tuple[str, str, tuple[str, str] | None] | None = None,
 ) -> Event:
-    """An :class:`Event` of ``kind`` with its PS3.15 codes filled in and validated."""
-    code, name, event_type = EVENT_CODES[kind]
+    """An :class:`Event` of ``kind`` with its PS3.15 codes (``codes``, else the kind's) filled in and validated."""
+    code, name, event_type = codes or EVENT_CODES[kind]
     return Event(
         time=_now(),
         kind=kind,
@@ -424,13 +427,17 @@ def job_created(
     count: int,
     model: str,
 ) -> bool:
+    """A job queued: for received DICOM the instances are now processed (110103, E); an upload is also the
+    moment its data entered the node (110107 Import, C)."""
     participants = [Participant(role="source", ae=calling_ae)] if calling_ae else []
+    upload = source == "upload"
     return audit.record(
         event(
             Kind.JOB_CREATED,
-            Action.CREATE if source == "upload" else Action.EXECUTE,
+            Action.CREATE if upload else Action.EXECUTE,
             participants=participants,
             objects=_job_objects(job_id, study_uid, series_uid, count, model),
+            codes=IMPORT_CODES if upload else None,
         )
     )
 

@@ -153,6 +153,15 @@ def test_a_send_and_its_job_leave_one_line_per_step_with_uids_only(
     )
     results = client.get(f"/api/jobs/{job.id}/results.zip", headers=bearer)
     assert results.status_code == 200 and zipfile.ZipFile(io.BytesIO(results.data)).namelist()
+    # An upload of the same series: imported through the web (its job waits: no worker runs now).
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for path in files:
+            bundle.write(path, arcname=Path(path).name)
+    uploaded = client.post(
+        "/api/jobs", headers=bearer, data={"file": (io.BytesIO(archive.getvalue()), "knee.zip")}
+    )
+    assert uploaded.status_code == 202, uploaded.get_data(as_text=True)
 
     lines = _lines(settings)
     by_kind: dict[str, list[dict]] = {}
@@ -176,8 +185,15 @@ def test_a_send_and_its_job_leave_one_line_per_step_with_uids_only(
         "series": job.series_uid,
         "instance_count": len(files),
     }
-    (created,) = by_kind["job-created"]
+    created, imported = by_kind["job-created"]
     assert created["objects"]["job"] == job.id and created["objects"]["series"] == job.series_uid
+    assert created["event_id"] == "DCM 110103" and created["participants"] == [
+        {"role": "source", "ae": "SCANNER1"}
+    ]
+    assert imported["event_id"] == "DCM 110107" and imported["action"] == "C"
+    assert (
+        imported["objects"]["job"] == uploaded.json["id"] and imported["objects"]["series"] == job.series_uid
+    )
     (finished,) = by_kind["job-finished"]
     assert finished["outcome"] == 0 and finished["objects"]["job"] == job.id
     delivered = by_kind["results-delivered"]
