@@ -21,11 +21,12 @@ from openmsk.jobs import ErrorCode, JobState, JobStore
 from openmsk.labels import TISSUES
 from openmsk.managed.orthanc import ManagedOrthanc
 from openmsk.phantom.echoes import EchoPhantom, generate_echoes, write_echo_series
+from openmsk.regions import region
 from tests.processes import openmsk, wait_for
 from worker.dicom.pm import PM_SERIES_NUMBER_OFFSET, read_pm_map, write_pm
 from worker.errors import SeriesError
 from worker.inputs import load_input
-from worker.t2 import MultiEchoVolume, compute_t2, t2_statistics, tissue_names
+from worker.t2 import MultiEchoVolume, compute_t2, merge_t2, region_names, t2_statistics, tissue_names
 from worker.t2.stage import run_t2
 from worker.volume import SeriesVolume, read_series
 
@@ -71,6 +72,24 @@ def test_cartilage_t2_mean_within_5_percent_of_truth(
         error = abs(stats[name]["mean"] - truth) / truth
         print(f"{kind} {orientation} {name}: {stats[name]['mean']:.2f} ms (truth {truth}) {error:.1%}")
         assert error < 0.05, f"{name}: {stats[name]['mean']:.2f} ms vs truth {truth} ms"
+
+
+def test_t2_per_subregion_from_a_region_label_map(qdess: tuple[EchoPhantom, Path]) -> None:
+    """Any region map plugs in: the phantom's true subregions give each region its cartilage's T2."""
+    phantom, dicom_dir = qdess
+    assert phantom.base.regions is not None
+    volume = load_input(dicom_dir)
+    assert isinstance(volume, MultiEchoVolume)
+    t2 = compute_t2(volume, phantom.base.labels)
+    stats = t2_statistics(t2.t2_ms, phantom.base.regions, region_names())
+    assert len(stats) >= 8  # femoral, tibial and patellar subregions present in the phantom
+    for name, entry in stats.items():
+        truth = phantom.t2_truth_ms[region(name).parent.name]
+        assert entry is not None and abs(entry["mean"] - truth) < 0.05 * truth, (name, entry, truth)
+    measurements = merge_t2(
+        {"tissues": {}, "regions": {name: {"volume_mm3": 1.0} for name in stats}}, {}, stats
+    )
+    assert all(m["t2_ms"] == stats[n] and m["volume_mm3"] == 1.0 for n, m in measurements["regions"].items())
 
 
 def test_parametric_map_valid_equal_on_readback_same_uids_on_rerun(
@@ -240,6 +259,8 @@ def test_worker_jobs_on_qdess_deliver_t2_or_finish_with_a_warning(
             # The model's own segmentation, not the phantom's labels: its edge voxels reach into the fluid
             # (T2 60 ms) next to the cartilage, so the means run some 10 % high; the 5 % check uses the truth.
             assert abs(t2["mean"] - truth) < 0.15 * truth
+        measured_regions = [e for e in report.get("regions", {}).values() if e.get("t2_ms")]
+        assert measured_regions, "T2 per subregion in report.json"
         pm_uid = next(r.sop_instance_uid for r in job.results if r.sop_class_uid == PARAMETRIC_MAP_STORAGE)
         found = requests.post(f"{orthanc_server.url}/tools/lookup", data=pm_uid, auth=auth, timeout=10).json()
         assert [item["Type"] for item in found] == ["Instance"]
