@@ -277,3 +277,31 @@ def test_worker_jobs_on_qdess_deliver_t2_or_finish_with_a_warning(
     finally:
         worker.kill()
         worker.wait(timeout=10)
+
+
+def test_default_rules_send_qdess_and_mese_to_t2_and_a_rule_can_turn_it_off() -> None:
+    from openmsk.config import REPO_DIR
+    from openmsk.routing import RoutingError, RoutingRules, SeriesInfo
+
+    shipped = RoutingRules.load(REPO_DIR / "scp" / "routing.toml", "nnunet_fullres")
+    common = {
+        "study_uid": "1.2",
+        "series_uid": "1.2.3",
+        "modality": "MR",
+        "body_part": "KNEE",
+        "instances": 80,
+    }
+    qdess_info = SeriesInfo(
+        **common, series_description="3D qDESS SAG", mr_acquisition_type="3D", image_type=("ORIGINAL",)
+    )
+    mese_info = SeriesInfo(
+        **common, series_description="MESE T2 MAP SAG", mr_acquisition_type="2D", image_type=("ORIGINAL",)
+    )
+    for info in (qdess_info, mese_info):
+        decision = shipped.route(info)
+        assert decision.rule is not None and decision.rule.models and decision.rule.t2 is True
+    assert shipped.route(mese_info).rule.name == "knee-t2-mapping"
+    off = RoutingRules.from_dict({"rules": [{"name": "seg-only", "model": "m", "t2": False}]}, "m")
+    assert off.route(qdess_info).rule.t2 is False
+    with pytest.raises(RoutingError, match="t2"):
+        RoutingRules.from_dict({"rules": [{"name": "bad", "model": "m", "t2": "no"}]}, "m")
