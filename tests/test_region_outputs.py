@@ -260,6 +260,19 @@ def test_maps_are_written_and_follow_the_anatomy_not_the_grid(case: dict[str, An
     assert turned.thickness_mm.shape[::-1] == pytest.approx(tibial.thickness_mm.shape, abs=2)
     with pytest.raises(ValueError, match="rotation"):
         AnatomicalFrame(np.diag([1.0, 1.0, -1.0]), centre)
+    # From the analysis' own per-face thickness the maps show the numbers the report summarises.
+    from openmsk.labels import CARTILAGES
+    from worker.analysis import face_thickness
+
+    faces = {t.label: face_thickness(ph.labels, ph.spacing, t.label, t.bone) for t in CARTILAGES}
+    by_face = {m.spec.name: m for m in thickness_maps(ph.labels, ph.affine_lps, faces=faces)}
+    tissues = case["m"]["tissues"]
+    assert np.nanmedian(by_face["femoral"].thickness_mm) == pytest.approx(
+        tissues["femoral_cartilage"]["thickness_mm"]["median"], rel=0.03
+    )
+    assert np.nanmedian(by_face["patellar"].thickness_mm) == pytest.approx(
+        tissues["patellar_cartilage"]["thickness_mm"]["median"], rel=0.03
+    )
     # The analysis' knee axes (grid mm space: medial, anterior, superior) become the same frame: the
     # phantom's knee is straight in the patient's axes, whatever the grid's orientation and the side.
     from_analysis = AnatomicalFrame.from_grid_axes(case["m"]["region_frame"]["axes"], ph.affine_lps)

@@ -184,6 +184,8 @@ def segment_volume(
         out_dir,
         dicom_outputs=dicom_outputs,
         labelmap=labelmap_seg,
+        # The analysis' per-face thickness, once its process hands it back (else the maps' own proxy).
+        faces=getattr(analysis, "faces", None),
     )
     outputs.files.extend(region_out.files)
     outputs.dicom.extend(DicomResult(*item) for item in region_out.dicom)

@@ -8,6 +8,7 @@ the SR (which references the region SEG).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,15 +57,17 @@ def write_region_outputs(
     *,
     dicom_outputs: bool = True,
     labelmap: bool = False,
+    faces: Mapping[int, Any] | None = None,
 ) -> RegionOutputs:
     """Thickness maps (``thickness_<cartilage>.png``), and with DICOM outputs the region SEG
     (``seg_regions.dcm``, a Label Map SEG with *labelmap*, like the tissue SEG) and the maps' Secondary
-    Captures (``thickness_<cartilage>.dcm``)."""
+    Captures (``thickness_<cartilage>.dcm``). *faces*: the analysis' per-face thickness by cartilage label
+    (``worker.analysis.FaceThickness``), drawn where given instead of the volume-per-area proxy."""
     out = RegionOutputs()
     affine = np.asarray(volume.affine_lps, dtype=np.float64)
     laterality = knee_laterality(volume.sources[0]) if volume.sources else None
     maps = write_thickness_maps(
-        labels, affine, out_dir, laterality=laterality, rotation=_rotation(measurements, affine)
+        labels, affine, out_dir, laterality=laterality, rotation=_rotation(measurements, affine), faces=faces
     )
     out.files.extend(m.path for m in maps if m.path is not None)
     if not dicom_outputs:

@@ -20,7 +20,7 @@ Pillow and numpy only (matplotlib is not a dependency of the node).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,6 +243,65 @@ def _map_values(
     )
 
 
+_AXIS_NAMES = {
+    "axial": ("medio-lateral (mm, patient left +)", "anterior (mm)"),
+    "frontal": ("medio-lateral (mm, patient left +)", "superior (mm)"),
+    "unrolled": ("medio-lateral (mm, patient left +)", "angle (deg; +90 anterior, 0 distal)"),
+}
+
+
+def _projected(
+    spec: MapSpec, xyz: NDArray[np.float64]
+) -> tuple[NDArray[np.float64], NDArray[np.float64], float]:
+    """(column coordinate, row coordinate, row cell size) of frame points on *spec*'s map."""
+    if spec.projection == "axial":
+        return xyz[:, 0], -xyz[:, 1], CELL_MM
+    if spec.projection == "frontal":
+        return xyz[:, 0], xyz[:, 2], CELL_MM
+    centre = _condyle_centre(xyz)
+    return xyz[:, 0], np.degrees(np.arctan2(-(xyz[:, 1] - centre[0]), -(xyz[:, 2] - centre[1]))), CELL_DEG
+
+
+def _face_map_values(
+    spec: MapSpec,
+    faces: Mapping[int, Any],
+    affine_lps: NDArray[np.float64],
+    frame: AnatomicalFrame,
+) -> tuple[NDArray[np.float64], tuple[float, float, float, float], tuple[str, str]] | None:
+    """The map from the analysis' own per-face thickness: the area-weighted mean of the measured faces in a
+    cell (at the cartilage voxel across each face), spread over the gaps between faces like the volume map."""
+    from scipy import ndimage as ndi
+
+    points, values, weights = [], [], []
+    for label in spec.labels:
+        f = faces.get(label)
+        if f is None:
+            continue
+        kept = np.asarray(f.kept, dtype=bool)
+        if not kept.any():
+            continue
+        points.append(np.asarray(f.cartilage_voxels)[kept])
+        values.append(np.asarray(f.thickness, dtype=np.float64))
+        weights.append(np.asarray(f.weight, dtype=np.float64)[kept])
+    if not points:
+        return None
+    ijk = np.concatenate(points).astype(np.float64)
+    xyz = frame.coordinates(ijk @ affine_lps[:3, :3].T + affine_lps[:3, 3])
+    t, w = np.concatenate(values), np.concatenate(weights)
+    u, v, dv = _projected(spec, xyz)
+    num, extent = _accumulate(u, v, t * w, CELL_MM, dv)
+    den, _ = _accumulate(u, v, w, CELL_MM, dv)
+    sigma = float(np.linalg.norm(affine_lps[:3, :3], axis=0).max()) / CELL_MM
+    reach = max(1, int(np.ceil(sigma)))
+    footprint = ndi.binary_closing(np.pad(den > 0, reach), structure=np.ones((3, 3), bool), iterations=reach)
+    footprint = footprint[reach:-reach, reach:-reach] | (den > 0)
+    spread_num = ndi.gaussian_filter(num, sigma, mode="constant", truncate=3.0)
+    spread_den = ndi.gaussian_filter(den, sigma, mode="constant", truncate=3.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(footprint & (spread_den > 0), spread_num / spread_den, np.nan)
+    return out, extent, _AXIS_NAMES[spec.projection]
+
+
 def _condyle_centre(cartilage: NDArray[np.float64]) -> tuple[float, float]:
     """(y, z) of the femoral axis: the centre of the circle that fits the femoral cartilage best in the
     sagittal projection (algebraic least squares, Kasa's fit): in the sagittal plane the condyles' articular
@@ -309,6 +368,7 @@ def thickness_maps(
     frame: AnatomicalFrame | None = None,
     laterality: str | None = None,
     rotation: NDArray[Any] | None = None,
+    faces: Mapping[int, Any] | None = None,
 ) -> list[ThicknessMap]:
     """The maps of the cartilages present in *labels* (canonical tissue labels, index (i, j, k)).
 
@@ -323,6 +383,9 @@ def thickness_maps(
         cartilage.
     rotation: numpy.ndarray | None
         The frame's rotation alone (:attr:`AnatomicalFrame.rotation`), when the caller has no origin.
+    faces: Mapping[int, worker.analysis.FaceThickness] | None
+        The analysis' per-face thickness by cartilage label: where given, a cartilage's map shows those
+        values (the numbers the report summarises) instead of the volume-per-area proxy.
     laterality: str | None
         ``"R"`` or ``"L"``, named in the title.
     """
@@ -347,6 +410,7 @@ def thickness_maps(
     box = tuple(slice(min(b[d].start for b in boxes), max(b[d].stop for b in boxes)) for d in range(3))
     labels = small[box]
     offset = np.array([s.start for s in box], dtype=np.float64)
+    full_affine = affine  # the faces' voxel indices are on the full grid
     affine = affine.copy()
     affine[:3, 3] += affine[:3, :3] @ offset
     if frame is None:
@@ -355,7 +419,9 @@ def thickness_maps(
         frame = AnatomicalFrame(np.eye(3) if rotation is None else np.asarray(rotation), centre)
     out = []
     for spec in MAPS:
-        computed = _map_values(spec, labels, affine, frame)
+        computed = _face_map_values(spec, faces, full_affine, frame) if faces else None
+        if computed is None:
+            computed = _map_values(spec, labels, affine, frame)
         if computed is None:
             continue
         values, extent, axis_names = computed
@@ -373,6 +439,7 @@ def write_thickness_maps(
     frame: AnatomicalFrame | None = None,
     laterality: str | None = None,
     rotation: NDArray[Any] | None = None,
+    faces: Mapping[int, Any] | None = None,
 ) -> list[ThicknessMap]:
     """Compute the maps and write each as ``thickness_<name>.png`` in *out_dir* (atomically)."""
     from PIL import Image
@@ -380,7 +447,10 @@ def write_thickness_maps(
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for m in thickness_maps(labels, affine_lps, frame=frame, laterality=laterality, rotation=rotation):
+    maps = thickness_maps(
+        labels, affine_lps, frame=frame, laterality=laterality, rotation=rotation, faces=faces
+    )
+    for m in maps:
         path = folder / f"thickness_{m.spec.name}.png"
         with atomic_file(path) as fh:
             Image.fromarray(m.rgb).save(fh, format="PNG")
