@@ -17,12 +17,13 @@ import pydicom
 import pytest
 
 from openmsk.config import Settings
-from openmsk.jobs import ErrorCode, JobState, JobStore
+from openmsk.jobs import ErrorCode, Job, JobState, JobStore
 from openmsk.labels import TISSUES
 from openmsk.managed.orthanc import ManagedOrthanc
 from openmsk.phantom.echoes import EchoPhantom, generate_echoes, write_echo_series
 from openmsk.regions import region
 from tests.processes import openmsk, wait_for
+from tests.test_web_api import Web, registry, store, web  # noqa: F401 - the web app's fixtures
 from worker.dicom.pm import PM_SERIES_NUMBER_OFFSET, read_pm_map, write_pm
 from worker.errors import SeriesError
 from worker.inputs import load_input
@@ -240,13 +241,13 @@ def test_worker_jobs_on_qdess_deliver_t2_or_finish_with_a_warning(
     stripped_series = _stage(settings.data_path, stripped)
     model = load_registry(settings.model_registry).default.name
     worker = openmsk("worker", worker_env(settings, orthanc_server), tmp_path / "worker.log")
-    store = JobStore.from_url(str(settings.redis_url))
+    jobs = JobStore.from_url(str(settings.redis_url))
     auth = (orthanc_server.user, orthanc_server.password)
     try:
         job = submit(str(settings.redis_url), settings.data_path, series, model, ["orthanc"])
         warned = submit(str(settings.redis_url), settings.data_path, stripped_series, model, ["orthanc"])
-        wait_for(lambda: store.get(job.id).terminal and store.get(warned.id).terminal, 240, "both jobs")
-        job = store.get(job.id)
+        wait_for(lambda: jobs.get(job.id).terminal and jobs.get(warned.id).terminal, 240, "both jobs")
+        job = jobs.get(job.id)
         assert job.state is JobState.DONE, job.error
         assert job.warnings == []
         assert PARAMETRIC_MAP_STORAGE in {r.sop_class_uid for r in job.results}
@@ -265,7 +266,7 @@ def test_worker_jobs_on_qdess_deliver_t2_or_finish_with_a_warning(
         found = requests.post(f"{orthanc_server.url}/tools/lookup", data=pm_uid, auth=auth, timeout=10).json()
         assert [item["Type"] for item in found] == ["Instance"]
 
-        warned = store.get(warned.id)
+        warned = jobs.get(warned.id)
         assert warned.state is JobState.DONE, warned.error
         assert [w.code for w in warned.warnings] == [ErrorCode.T2_PARAMETERS_MISSING]
         assert "(0019,10B6)" in warned.warnings[0].hint
@@ -305,3 +306,25 @@ def test_default_rules_send_qdess_and_mese_to_t2_and_a_rule_can_turn_it_off() ->
     assert off.route(qdess_info).rule.t2 is False
     with pytest.raises(RoutingError, match="t2"):
         RoutingRules.from_dict({"rules": [{"name": "bad", "model": "m", "t2": "no"}]}, "m")
+
+
+def test_job_page_shows_the_t2_warning_and_the_overlay(web: Web, store: JobStore) -> None:  # noqa: F811
+    """The job page of a job done with a warning: the warning, its hint and code; the T2 overlay image."""
+    from openmsk.jobs import JobError
+    from tests.test_web_api import PASSWORD as WEB_PASSWORD
+    from tests.test_web_api import USER as WEB_USER
+    from tests.test_web_api import _finished_job, _sign_in
+
+    browser = _sign_in(web, WEB_USER, WEB_PASSWORD)
+    job = _finished_job(web, store)
+    (web.data / "jobs" / job.id / "output" / "t2_overlay.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    hint = "Give spoiler duration (0019,10B7) in the routing rule"
+
+    def warn(j: Job) -> None:
+        j.files.append(f"jobs/{j.id}/output/t2_overlay.png")
+        j.warnings = [JobError(code=ErrorCode.T2_PARAMETERS_MISSING, message="T2 not computed", hint=hint)]
+
+    store.update(job.id, warn)
+    page = browser.get(f"{web.url}/jobs/{job.id}", timeout=10).text
+    assert "Done with a warning: T2 not computed" in page and hint in page and "T2_PARAMETERS_MISSING" in page
+    assert f'src="/api/jobs/{job.id}/files/t2_overlay.png"' in page
