@@ -17,8 +17,8 @@ cell divided by the cell's area on the surface (ML x angle x mean radius for the
 ML x SI for the projections). For a sheet crossing a cell that is its mean thickness along the projection
 direction, without thresholds or voxel counting across the sheet; cells at the cut edge of a sheet are only
 partly covered and read thinner. This proxy needs the label map alone, but it is the thickness along the
-projection, not along the bone normal: on the phantoms the tibial map's median is within 1 % of the
-reported one, the patellar +8 % and the femoral +19-25 % (where the sheet curves away from the unrolling
+projection, not along the bone normal: on the phantoms the tibial map's median is within 3 % of the
+reported one, the patellar +8 % and the femoral +19-23 % (where the sheet curves away from the unrolling
 axis); the numbers of the report and the SR are always the analysis' own.
 
 Pillow and numpy only (matplotlib is not a dependency of the node).
