@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -211,8 +212,14 @@ def _base_dataset(phantom: Phantom) -> dict[str, Any]:
     }
 
 
-def write_dicom_series(phantom: Phantom, dicom_dir: str | Path) -> list[Path]:
-    """Write one ``IMnnnn.dcm`` per slice (InstanceNumber = slice index + 1, along the slice normal)."""
+def write_dicom_series(
+    phantom: Phantom, dicom_dir: str | Path, amend: Callable[[FileDataset, int], None] | None = None
+) -> list[Path]:
+    """Write one ``IMnnnn.dcm`` per slice (InstanceNumber = slice index + 1, along the slice normal).
+
+    *amend* (dataset, slice index) may change a slice before it is written (the multi-echo phantoms' echo
+    attributes).
+    """
     out = Path(dicom_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = phantom.meta
@@ -241,6 +248,8 @@ def write_dicom_series(phantom: Phantom, dicom_dir: str | Path) -> list[Path]:
         ds.SliceLocation = _ds_number(float(position @ normal))
         # Rows run along j and columns along i, so a slice's 2D pixel array is image[:, :, k] transposed.
         ds.PixelData = np.ascontiguousarray(phantom.image[:, :, k].T).astype("<u2").tobytes()
+        if amend is not None:
+            amend(ds, k)
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths

@@ -33,6 +33,7 @@ from openmsk.labels import TISSUES
 if TYPE_CHECKING:
     import numpy as np
     from numpy.typing import NDArray
+    from pydicom.dataset import Dataset
 
     from openmsk.phantom import Phantom
 
@@ -189,11 +190,11 @@ def write_echo_series(
     """Write ``dicom/`` (one series, every echo), ``labels.nii.gz`` and ``truth.json`` under *out_dir*.
 
     The slices are written by :func:`openmsk.phantom.dicom.write_dicom_series` (one call per echo, each echo
-    its own SOP Instance UIDs) and then given the echo's attributes. *spoiler_tags* False leaves out GE's
-    private spoiler tags, as an anonymiser would. Returns ``dicom_dir``, ``dicom_files``, ``labels``, ``truth``.
+    its own SOP Instance UIDs), which gives each slice the echo's attributes as it writes it. *spoiler_tags*
+    False leaves out GE's private spoiler tags, as an anonymiser would. Returns ``dicom_dir``,
+    ``dicom_files``, ``labels``, ``truth``.
     """
     import numpy as np
-    import pydicom
 
     from openmsk.phantom import write_series
     from openmsk.phantom.dicom import phantom_uid, write_dicom_series
@@ -221,8 +222,8 @@ def write_echo_series(
         pixels = np.clip(np.rint(echo * scale), 0, 65535).astype(np.uint16)
         echo_phantom = dataclasses.replace(base, image=pixels, meta=echo_meta)
         folder = out / "dicom" / f"echo{e + 1}"
-        for k, path in enumerate(write_dicom_series(echo_phantom, folder)):
-            ds = pydicom.dcmread(path)
+
+        def amend(ds: Dataset, k: int, e: int = e) -> None:
             ds.EchoNumbers = str(e + 1)
             ds.EchoTime = f"{phantom.echo_times_ms[e]:g}"
             ds.RepetitionTime = f"{phantom.parameters['repetition_time_ms']:g}"
@@ -236,8 +237,8 @@ def write_echo_series(
                 ds.add_new(0x00190010, "LO", "GEMS_ACQU_01")
                 ds.add_new(0x001910B6, "DS", f"{phantom.parameters['gl_area']:g}")
                 ds.add_new(0x001910B7, "DS", f"{phantom.parameters['tg_us']:g}")
-            ds.save_as(path, enforce_file_format=True)
-            files.append(path)
+
+        files.extend(write_dicom_series(echo_phantom, folder, amend))
     truth = json.loads(Path(paths["truth"]).read_text())
     truth["t2_ms"] = dict(phantom.t2_truth_ms)
     truth["echoes"] = {
