@@ -1,6 +1,7 @@
 """The shipped demo models segment phantoms they have never seen: Dice >= 0.95 for bones and >= 0.75 for every
-cartilage and meniscus, for each model, on five fresh small phantoms (four acquisition planes, both knees) and
-one full-size phantom (384 x 384 x 160 at 0.36 x 0.36 x 0.7 mm, a clinical grid). Each mean is over the six.
+cartilage and meniscus, for each model, on EVERY one of eight fresh small phantoms (each acquisition plane with
+both knees) and one full-size phantom (384 x 384 x 160 at 0.36 x 0.36 x 0.7 mm, a clinical grid): not only
+on average, as a user meets one knee at a time.
 
 The phantoms go through the worker's path: ``to_canonical`` -> ``Segmenter.segment`` -> ``from_canonical``,
 and Dice is measured against the phantom's own labels in the acquired orientation. The table of Dice per label
@@ -30,6 +31,9 @@ CASES = (
     (13, "small", "axial", "R"),
     (14, "small", "oblique", "L"),
     (15, "small", "sagittal", "L"),
+    (17, "small", "coronal", "R"),
+    (18, "small", "axial", "L"),
+    (19, "small", "oblique", "R"),
     (16, "full", "axial", "R"),
 )
 
@@ -70,18 +74,15 @@ def test_dice_on_unseen_phantoms(
     ]
     for j, (label, tissue) in enumerate(LABELS.items()):
         required = threshold(label)
-        ok = means[j] >= required
+        ok = scores[:, j].min() >= required
         lines.append(
             f"  {tissue:<26} {means[j]:.3f} {scores[:, j].min():.3f}  "
             + " ".join(f"{s:5.2f}" for s in scores[:, j])
             + ("" if ok else f"  < {required}")
         )
-        if not ok:
-            failures.append(f"{tissue} {means[j]:.3f} < {required}")
-        # the clinical-size case must hold on its own, not only within the mean
-        for i, case in enumerate(CASES):
-            if case[1] == "full" and scores[i, j] < required:
-                failures.append(f"{tissue} {scores[i, j]:.3f} < {required} on the full-size phantom")
+        for i, (_, size, orientation, laterality) in enumerate(CASES):
+            if scores[i, j] < required:
+                failures.append(f"{tissue} {scores[i, j]:.3f} < {required} on {size} {orientation} {laterality}")
     with capsys.disabled():
         print("\n".join(lines))
     assert not failures, f"{name}: " + "; ".join(failures)
