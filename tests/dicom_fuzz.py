@@ -209,7 +209,7 @@ def mutation_cases(seed: int, count: int) -> Iterator[Case]:
 
 
 def pydicom_file_cases() -> Iterator[Case]:
-    """pydicom's bundled test files, each data set sent as stored (its own SOP class and transfer syntax)."""
+    """pydicom's test files (with PyPI pydicom-data's where installed), each data set sent as stored."""
     from pydicom import dcmread
     from pydicom.data import get_testdata_files
     from pydicom.errors import InvalidDicomError

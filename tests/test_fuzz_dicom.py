@@ -1,4 +1,4 @@
-"""DICOM fuzzing of the running SCP (its own process): pydicom's test files and >= 2000 seeded mutations.
+"""DICOM fuzzing of the running SCP (its own process): pydicom(-data)'s test files and 2000 seeded mutations.
 
 Every case must be answered with a proper C-STORE status over a live association (none crashed), what is
 stored must be byte for byte what was sent, the unmutated cases must be stored, and afterwards the SCP still
