@@ -50,3 +50,26 @@ def test_segment_centroids_match_truth(tmp_path: Path, orientation: str, lateral
         name = by_display.get(label, label)
         truth = np.array(ph.truth["centroids_mm"][name])
         assert np.linalg.norm(centroid - truth) <= voxel, f"{name}: {centroid} vs {truth}"
+
+
+@pytest.mark.parametrize(("orientation", "laterality"), [("coronal", "R"), ("oblique", "L")])
+def test_region_segment_centroids_match_the_phantom_regions(
+    tmp_path: Path, orientation: str, laterality: str
+) -> None:
+    """The region SEG's segments land on the phantom's own subregions (centroids in patient space)."""
+    from openmsk.regions import REGIONS
+
+    ph = generate(seed=21, size="small", orientation=orientation, laterality=laterality)
+    assert ph.regions is not None
+    write_series(ph, tmp_path)
+    volume = load_series(read_series(tmp_path / "dicom"))
+    seg = write_seg(volume, ph.regions, "geometry-check", "1", tmp_path / "rseg.dcm", regions=True)
+    found = segment_centroids(seg.path)
+    voxel = float(np.linalg.norm(ph.spacing))
+    present = [int(v) for v in np.unique(ph.regions) if v]
+    assert sorted(found) == sorted(REGIONS[v].display_name for v in present)
+    for value in present:
+        ijk = np.argwhere(ph.regions == value).mean(axis=0)
+        truth = ph.affine_lps[:3, :3] @ ijk + ph.affine_lps[:3, 3]
+        centroid = found[REGIONS[value].display_name]
+        assert np.linalg.norm(centroid - truth) <= voxel, f"{REGIONS[value].name}: {centroid} vs {truth}"
