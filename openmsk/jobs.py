@@ -168,6 +168,9 @@ class Job(BaseModel):
         default_factory=list, description="what was skipped in a job that still finished (done with warnings)"
     )
     t2: bool = Field(True, description="compute T2 when the series is multi-echo (routing rule option t2)")
+    t2_parameters: dict[str, float] = Field(
+        default_factory=dict, description="qDESS parameters the header may lack (routing rule t2_parameters)"
+    )
     files: list[str] = Field(default_factory=list)
     input_via: Literal["", "local", "object-store"] = Field(
         "", description="how the worker got the input: on its own disk, or fetched from the object store"

@@ -133,6 +133,10 @@ class Rule(BaseModel, frozen=True, extra="forbid"):
     archive: OptionalNames | None = None
     priority: Literal["urgent", "default"] = "default"
     t2: StrictBool = True  # compute T2 when the series is multi-echo (qDESS, MESE)
+    # qDESS parameters where the header lacks them (anonymised): used only for what the header does not give
+    t2_parameters: dict[
+        Literal["repetition_time_ms", "echo_time_ms", "flip_angle_deg", "gl_area", "tg_us"], float
+    ] = Field(default_factory=dict)
     modality: UpperNames | None = None
     body_part: UpperNames | None = None
     series_description: Pattern | None = None

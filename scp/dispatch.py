@@ -242,6 +242,7 @@ class Dispatcher:
                         priority=rule.priority,  # type: ignore[arg-type]
                         destinations=list(rule.destinations),
                         t2=rule.t2,
+                        t2_parameters=dict(rule.t2_parameters),
                         archive=archive,
                         input_path=input_path,
                         idempotency_key=idempotency_key(header.series_uid, sop_uids, model),

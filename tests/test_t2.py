@@ -306,6 +306,18 @@ def test_default_rules_send_qdess_and_mese_to_t2_and_a_rule_can_turn_it_off() ->
     assert off.route(qdess_info).rule.t2 is False
     with pytest.raises(RoutingError, match="t2"):
         RoutingRules.from_dict({"rules": [{"name": "bad", "model": "m", "t2": "no"}]}, "m")
+    # Values for what an anonymised header lacks; the job carries them to the worker.
+    given = RoutingRules.from_dict(
+        {"rules": [{"name": "anon", "model": "m", "t2_parameters": {"gl_area": 3132, "tg_us": 1560.0}}]}, "m"
+    )
+    parameters = given.route(qdess_info).rule.t2_parameters
+    assert parameters == {"gl_area": 3132.0, "tg_us": 1560.0}
+    job = Job(source="scp", model="m", input_path="incoming/a/b", t2_parameters=dict(parameters))
+    assert Job.model_validate_json(job.model_dump_json()).t2_parameters == parameters
+    with pytest.raises(RoutingError, match="t2_parameters"):
+        RoutingRules.from_dict(
+            {"rules": [{"name": "bad", "model": "m", "t2_parameters": {"spoiler": 1}}]}, "m"
+        )
 
 
 def test_job_page_shows_the_t2_warning_and_the_overlay(web: Web, store: JobStore) -> None:  # noqa: F811

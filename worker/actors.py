@@ -101,6 +101,7 @@ def segment_job(job_id: str) -> None:
         progress,
         dicom_outputs=bool(volume.sources),
         t2=job.t2,
+        t2_parameters=job.t2_parameters,
     )
     transfer().publish_outputs(jobs, job, job_output_dir(job))
     jobs.transition(job_id, JobState.DELIVERING, lambda j: _record_outputs(j, outputs, segmenter))

@@ -90,6 +90,7 @@ def segment_volume(
     dicom_outputs: bool = True,
     labelmap_seg: bool = False,
     t2: bool = True,
+    t2_parameters: dict[str, float] | None = None,
     priors: PriorLookup | None = None,
 ) -> Outputs:
     """Run preprocess → infer → postprocess → write → analyse on a loaded volume, writing into ``out_dir``.
@@ -166,6 +167,7 @@ def segment_volume(
             entry.version,
             out_dir,
             region_labels=analysis.region_map,  # T2 per subregion too, where the analysis made them
+            overrides=t2_parameters,  # the routing rule's, for what the header lacks
             dicom_outputs=dicom_outputs,
         )
         outputs.files.extend(t2_out.files)

@@ -69,8 +69,8 @@ def run_t2(
         out.warning = T2Warning(
             ErrorCode.T2_PARAMETERS_MISSING,
             f"T2 not computed: the series header lacks {', '.join(exc.missing)}",
-            f"Give {', '.join(exc.missing)} in the routing rule's t2_parameters or keep the vendor tags "
-            "when anonymising; the segmentation and thickness are delivered.",
+            f"Give {', '.join(exc.missing)} in the routing rule's t2_parameters (scp/routing.toml) or keep "
+            "the vendor tags when anonymising; the segmentation and thickness are delivered.",
         )
         return out
     out.t2_ms = t2.t2_ms
