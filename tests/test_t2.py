@@ -337,6 +337,16 @@ def test_job_page_shows_the_t2_warning_and_the_overlay(web: Web, store: JobStore
         j.warnings = [JobError(code=ErrorCode.T2_PARAMETERS_MISSING, message="T2 not computed", hint=hint)]
 
     store.update(job.id, warn)
+    report_path = web.data / "jobs" / job.id / "output" / "report.json"
+    report = json.loads(report_path.read_text())
+    report["tissues"]["femoral_cartilage"]["t2_ms"] = {
+        "mean": 38.44,
+        "median": 38.0,
+        "std": 4.26,
+        "voxels": 9,
+    }
+    report_path.write_text(json.dumps(report))
     page = browser.get(f"{web.url}/jobs/{job.id}", timeout=10).text
     assert "Done with a warning: T2 not computed" in page and hint in page and "T2_PARAMETERS_MISSING" in page
     assert f'src="/api/jobs/{job.id}/files/t2_overlay.png"' in page
+    assert "T2 (ms)" in page and '<td class="num t2">38.4</td>' in page and "4.3" in page

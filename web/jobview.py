@@ -231,6 +231,7 @@ def measurement_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "thickness": {k: thickness.get(k) for k in ("mean", "median", "std", "p95")}
                 if thickness
                 else None,
+                "t2": entry["t2_ms"] if isinstance(entry.get("t2_ms"), dict) else None,  # the T2 analysis's
             }
         )
     return sorted(rows, key=lambda row: row["label"] if isinstance(row["label"], int) else 999)
