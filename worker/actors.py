@@ -29,6 +29,7 @@ from worker.errors import JobFailure
 from worker.inputs import load_input, load_series_instances
 from worker.models.segmenter import Segmenter, load_segmenter
 from worker.pipeline import Outputs, overall_percent, segment_volume
+from worker.prior import PriorLookup
 from worker.transfer import JobTransfer
 
 log = logging.getLogger("openmsk.worker")
@@ -102,6 +103,7 @@ def segment_job(job_id: str) -> None:
         dicom_outputs=bool(volume.sources),
         t2=job.t2,
         t2_parameters=job.t2_parameters,
+        priors=PriorLookup.for_job(jobs.redis, settings(), job_id),
     )
     transfer().publish_outputs(jobs, job, job_output_dir(job))
     jobs.transition(job_id, JobState.DELIVERING, lambda j: _record_outputs(j, outputs, segmenter))
