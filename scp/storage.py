@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import struct
 import threading
 import time
@@ -328,29 +329,67 @@ def read_file_meta(path: Path) -> dict[int, str]:
 # ------------------------------------------------------------------------------------------------ the store
 
 
+# A pre-written spare ends with this trailer once it holds an instance: what a restart needs to recover it
+# before its rename is durable (magic, length of the instance, CRC-32 of those bytes).
+SPARE_TRAILER = struct.Struct("<8sQL")
+SPARE_TRAILER_MAGIC = b"OMSKINST"
+_SPARE_STEP = 64 << 10
+_SPARE_ROOM_FACTOR = 256  # pre-write spares only while the disk has room for this many of them
+
+
 class _SpareFiles:
-    """Empty files made ahead of need in ``.partial/``, so that no C-STORE waits for a file to be created.
+    """Files made ahead of need in ``.partial/``, so that no C-STORE waits for a file to be created — and,
+    once the SCP knows how large instances are, already *written*: zeros over their whole size, fsync'd.
 
     Creating a file costs ~1 ms on a busy ext4 (a new inode, often an inode-table block read from disk); a
-    thread pays it between instances instead.
+    thread pays it between instances instead. A pre-written spare saves far more: overwriting blocks that are
+    already allocated and on disk changes no metadata, so ``fdatasync`` writes the data and flushes the disk
+    cache without a journal commit — measured 1.4-2.8 ms instead of 5-11 ms for a 512 kB instance here. The
+    thread writes the zeros and pays one journal commit for a batch of spares. Spares are pre-written only
+    while the disk has room for :data:`_SPARE_ROOM_FACTOR` of them; near full they are empty files as before.
     """
 
     def __init__(self, folder: Path, keep: int = 8) -> None:
         self.folder = folder
         self.keep = keep
-        self._ready: list[tuple[int, Path]] = []
+        self.size = 0  # bytes of a pre-written spare; 0: empty spares (no instance seen yet)
+        self._ready: list[tuple[int, Path, int]] = []
         self._changed = threading.Condition()
         self._counter = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
 
-    def _create(self) -> tuple[int, Path]:
+    def want(self, instance_bytes: int) -> None:
+        """An instance of this size was written: spares from now on hold one (sizes only grow)."""
+        needed = -(-(instance_bytes + SPARE_TRAILER.size + 4096) // _SPARE_STEP) * _SPARE_STEP
+        if needed <= self.size:
+            return
+        with self._changed:
+            self.size = max(self.size, needed)
+            stale, self._ready = self._ready, []  # too small (or empty): the thread makes new ones
+            self._changed.notify_all()
+        for fd, path, _ in stale:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+
+    def _create(self, size: int = 0) -> tuple[int, Path, int]:
         with self._changed:
             self._counter += 1
             path = self.folder / f"spare.{os.getpid()}.{threading.get_ident()}.{self._counter}"
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640), path
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        if size:
+            try:
+                zeros = bytes(min(size, 1 << 20))
+                for offset in range(0, size, len(zeros)):
+                    os.pwrite(fd, zeros[: size - offset], offset)
+            except OSError:
+                os.close(fd)
+                path.unlink(missing_ok=True)
+                raise
+        return fd, path, size
 
-    def take(self) -> tuple[int, Path]:
+    def take(self) -> tuple[int, Path, int]:
+        """``(fd, path, size)``: a spare (``size`` > 0: pre-written and durable, that many bytes)."""
         with self._changed:
             if self._ready:
                 item = self._ready.pop()
@@ -362,6 +401,12 @@ class _SpareFiles:
         self._thread = threading.Thread(target=self._run, name="scp-spare-files", daemon=True)
         self._thread.start()
 
+    def _spare_size(self) -> int:
+        size = self.size
+        if size and shutil.disk_usage(self.folder).free < _SPARE_ROOM_FACTOR * size:
+            return 0
+        return size
+
     def _run(self) -> None:
         while True:
             with self._changed:
@@ -369,13 +414,24 @@ class _SpareFiles:
                     self._changed.wait()
                 if self._stopping:
                     return
+                missing = self.keep - len(self._ready)
+            batch: list[tuple[int, Path, int]] = []
             try:
-                item = self._create()
+                size = self._spare_size()
+                for _ in range(missing):
+                    batch.append(self._create(size))
+                if size:  # zeros and names durable; the first fsync commits the journal for the batch
+                    for fd, _, _ in batch:
+                        os.fsync(fd)
+                    fsync_folder(self.folder)
             except OSError:  # disk full or gone: writes will report it; try again later
+                for fd, path, _ in batch:
+                    os.close(fd)
+                    path.unlink(missing_ok=True)
                 time.sleep(1.0)
                 continue
             with self._changed:
-                self._ready.append(item)
+                self._ready.extend(batch)
 
     def close(self) -> None:
         with self._changed:
@@ -384,7 +440,7 @@ class _SpareFiles:
         if self._thread is not None:
             self._thread.join(timeout=5)
         with self._changed:
-            for fd, path in self._ready:
+            for fd, path, _ in self._ready:
                 os.close(fd)
                 path.unlink(missing_ok=True)
             self._ready.clear()
@@ -440,25 +496,44 @@ class InstanceStore:
             raise InvalidInstance("invalid SOP Instance UID")
         folder = self.series_dir(header.study_uid, header.series_uid)
         final = folder / (header.sop_instance_uid + SUFFIX)
-        fd, spare = self._spares.take()
+        fd, spare, spare_size = self._spares.take()
+        size = sum(len(c) for c in chunks)
         temp = spare
         try:
             try:
-                _write_all(fd, chunks)
                 crc = 0
                 for chunk in chunks:
                     crc = zlib.crc32(chunk, crc)
+                prewritten = self.fsync and 0 < size <= spare_size - SPARE_TRAILER.size
+                if prewritten:
+                    # Over the spare's zeros, the trailer at its end: fdatasync makes both durable with no
+                    # journal commit. From here a crash leaves a spare recover_partial() restores.
+                    _write_all(fd, chunks)
+                    os.pwrite(
+                        fd,
+                        SPARE_TRAILER.pack(SPARE_TRAILER_MAGIC, size, crc),
+                        spare_size - SPARE_TRAILER.size,
+                    )
+                    os.fdatasync(fd)
+                else:
+                    _write_all(fd, chunks)
                 with self._lock:
                     self._counter += 1
                     temp = self.partial / f"{header.sop_instance_uid}.{crc:08x}.{os.getpid()}.{self._counter}"
                 os.rename(spare, temp)
-                if self.fsync:
+                if prewritten:
+                    # Cut the zeros and trailer off; metadata, durable with a later journal commit, after the
+                    # rename above (the journal keeps their order), so a spare that lost its trailer has its
+                    # checksum name. A temporary file longer than its data is cut by recover_partial().
+                    os.ftruncate(fd, size)
+                elif self.fsync:
                     # Data, size and the checksum name (the rename changed the inode: fsync, not fdatasync).
                     # Concurrent associations each fsync: ext4's journal already commits them together
                     # (measured: faster than one syncfs for the lot, see bench/ingest.py's notes).
                     os.fsync(fd)
             finally:
                 os.close(fd)
+            self._spares.want(size)
             self._ensure_dir(folder)
             try:
                 os.rename(temp, final)
@@ -506,23 +581,58 @@ class InstanceStore:
         return recovered, deleted
 
     def _recoverable(self, path: Path) -> Path | None:
-        """Where a temporary file belongs, if its content matches the checksum in its name."""
-        parts = path.name.rsplit(".", 3)
-        if len(parts) != 4 or not path.is_file():
+        """Where a temporary file belongs, if its content matches its checksum (cut to its data first).
+
+        Two kinds hold an instance: ``<SOP>.<crc32>.<pid>.<n>`` (the checksum in the name; a pre-written
+        spare may still be longer than its data), and a pre-written ``spare.*`` whose trailer was written
+        and made durable but whose rename was not.
+        """
+        if not path.is_file():
             return None
-        sop_uid, crc = parts[0], parts[1]
         data = path.read_bytes()
-        if f"{zlib.crc32(data):08x}" != crc or len(data) < 144 or data[128:132] != b"DICM":
+        if path.name.startswith("spare."):
+            if len(data) < SPARE_TRAILER.size:
+                return None
+            magic, size, crc = SPARE_TRAILER.unpack_from(data, len(data) - SPARE_TRAILER.size)
+            if magic != SPARE_TRAILER_MAGIC or size > len(data) - SPARE_TRAILER.size:
+                return None
+            sop_uid = None
+        else:
+            parts = path.name.rsplit(".", 3)
+            if len(parts) != 4:
+                return None
+            sop_uid, crc_text = parts[0], parts[1]
+            try:
+                crc = int(crc_text, 16)
+            except ValueError:
+                return None
+            size = len(data)
+            if zlib.crc32(data) != crc:  # a pre-written spare not yet cut: its data ends before the trailer
+                if len(data) < SPARE_TRAILER.size:
+                    return None
+                magic, size, _ = SPARE_TRAILER.unpack_from(data, len(data) - SPARE_TRAILER.size)
+                if magic != SPARE_TRAILER_MAGIC or size > len(data) - SPARE_TRAILER.size:
+                    return None
+        data = data[:size]
+        if zlib.crc32(data) != crc or len(data) < 144 or data[128:132] != b"DICM":
             return None
         try:
-            transfer_syntax = read_file_meta(path).get(0x00020010, "")
-            offset = 144 + struct.unpack_from("<L", data, 140)[0]
-            header = read_header(memoryview(data)[offset:], transfer_syntax)
+            meta_length = struct.unpack_from("<L", data, 140)[0]
+            values: dict[int, bytes] = {}
+            _Walker(memoryview(data)[144 : 144 + meta_length], True).dataset(
+                0, False, nested=False, wanted=values, keep=None
+            )
+            transfer_syntax = _text(values.get(0x00020010))
+            header = read_header(memoryview(data)[144 + meta_length :], transfer_syntax)
         except (InvalidInstance, struct.error):
             return None
-        if header.sop_instance_uid != sop_uid:
+        if sop_uid is not None and header.sop_instance_uid != sop_uid:
             return None
-        return self.series_dir(header.study_uid, header.series_uid) / (sop_uid + SUFFIX)
+        if len(data) != path.stat().st_size:
+            with open(path, "r+b") as handle:  # cut the zeros and trailer off, durably, before it moves
+                handle.truncate(len(data))
+                os.fsync(handle.fileno())
+        return self.series_dir(header.study_uid, header.series_uid) / (header.sop_instance_uid + SUFFIX)
 
     def sop_uids(self, study_uid: str, series_uid: str) -> list[str]:
         """SOP Instance UIDs of the complete instances of a series on disk, sorted."""

@@ -17,6 +17,8 @@ from scp.completion import CompletionTracker
 from scp.fastpath import encode_c_store_rsp, parse_command
 from scp.routing import RoutingError, RoutingRules, SeriesInfo
 from scp.storage import (
+    SPARE_TRAILER,
+    SPARE_TRAILER_MAGIC,
     InstanceHeader,
     InstanceStore,
     InvalidInstance,
@@ -26,6 +28,7 @@ from scp.storage import (
     read_header,
 )
 from tests.mr_series import mr_dataset
+from tests.processes import wait_for
 
 IMPLICIT = "1.2.840.10008.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -178,6 +181,61 @@ def test_recovery_moves_complete_unrenamed_files_into_place_and_deletes_the_rest
     assert store.recover_partial() == (1, 3)
     target = tmp_path / "incoming" / dataset.StudyInstanceUID / dataset.SeriesInstanceUID / f"{sop}.dcm"
     assert target.read_bytes() == content
+    assert list(store.partial.iterdir()) == []
+
+
+def _prewritten(content: bytes, size: int, trailer: bool = True, crc: int | None = None) -> bytes:
+    """What a pre-written spare holds after the instance's fdatasync: data, zeros, the trailer at the end."""
+    body = content + bytes(size - len(content) - SPARE_TRAILER.size)
+    if not trailer:
+        return body + bytes(SPARE_TRAILER.size)
+    return body + SPARE_TRAILER.pack(
+        SPARE_TRAILER_MAGIC, len(content), zlib.crc32(content) if crc is None else crc
+    )
+
+
+def test_writes_into_prewritten_spares_leave_exactly_the_instance(
+    dataset: pydicom.Dataset, tmp_path: Path
+) -> None:
+    store = InstanceStore(tmp_path)
+    store.start()
+    try:
+        raw = encoded(dataset, EXPLICIT)
+        header = read_header(raw, EXPLICIT)
+        meta = file_meta(header.sop_class_uid, header.sop_instance_uid, EXPLICIT)
+        store.write(header, [meta, raw])  # the first write tells the spares how large instances are
+        spares = store._spares
+        wait_for(lambda: len(spares._ready) == spares.keep and spares._ready[0][2], 10, "pre-written spares")
+        assert all(size == spares.size > len(raw) for _, _, size in spares._ready)
+        for copy in range(3):
+            path = store.write(header, [meta, raw + bytes(2 * copy)])
+            assert path.read_bytes() == meta + raw + bytes(2 * copy)  # no zeros, no trailer left
+        assert [p for p in store.partial.iterdir() if not p.name.startswith("spare.")] == []
+    finally:
+        store.close()
+    assert list(store.partial.iterdir()) == []
+
+
+def test_recovery_of_prewritten_spares_before_their_rename_or_cut(
+    dataset: pydicom.Dataset, tmp_path: Path
+) -> None:
+    """A crash right after the fdatasync leaves the instance in a spare (trailer) or an uncut checksum file."""
+    store = InstanceStore(tmp_path)
+    raw = encoded(dataset, EXPLICIT)
+    content = file_meta(dataset.SOPClassUID, dataset.SOPInstanceUID, EXPLICIT, "A", "B") + raw
+    folder = tmp_path / "incoming" / dataset.StudyInstanceUID / dataset.SeriesInstanceUID
+    size = 64 << 10
+    (store.partial / "spare.1.2.3").write_bytes(_prewritten(content, size))  # acknowledged, never renamed
+    assert store.recover_partial() == (1, 0)
+    assert (folder / f"{dataset.SOPInstanceUID}.dcm").read_bytes() == content
+    (folder / f"{dataset.SOPInstanceUID}.dcm").unlink()
+    uncut = f"{dataset.SOPInstanceUID}.{zlib.crc32(content):08x}.7.1"
+    (store.partial / uncut).write_bytes(_prewritten(content, size))  # renamed, not yet cut
+    (store.partial / "spare.1.2.4").write_bytes(bytes(size))  # never used
+    (store.partial / "spare.1.2.5").write_bytes(_prewritten(content, size, crc=1))  # torn write
+    (store.partial / "spare.1.2.6").write_bytes(_prewritten(content[:-10], size, trailer=False))
+    assert store.recover_partial() == (1, 3)
+    assert (folder / f"{dataset.SOPInstanceUID}.dcm").read_bytes() == content
     assert list(store.partial.iterdir()) == []
 
 
