@@ -4,8 +4,8 @@ from __future__ import annotations
 
 __all__ = ["SC_SERIES_NUMBER_OFFSET", "image_comment", "series_description"]
 
-# SC series number = source series number + this (tissue SEG 1000, region SEG 1100, SR 2000).
-SC_SERIES_NUMBER_OFFSET = 3000
+# SC series number = source series number + this (tissue SEG 1000, region SEG 1100, SR 2000, T2 map 3000).
+SC_SERIES_NUMBER_OFFSET = 4000
 
 
 def series_description(model_name: str, model_version: str) -> str:
