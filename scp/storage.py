@@ -333,7 +333,7 @@ def read_file_meta(path: Path) -> dict[int, str]:
 # before its rename is durable (magic, length of the instance, CRC-32 of those bytes).
 SPARE_TRAILER = struct.Struct("<8sQL")
 SPARE_TRAILER_MAGIC = b"OMSKINST"
-_SPARE_STEP = 64 << 10
+_SPARE_STEP = 4096  # a block: cutting the zeros after an instance of the usual size frees one block at most
 _SPARE_ROOM_FACTOR = 256  # pre-write spares only while the disk has room for this many of them
 
 
@@ -361,7 +361,7 @@ class _SpareFiles:
 
     def want(self, instance_bytes: int) -> None:
         """An instance of this size was written: spares from now on hold one (sizes only grow)."""
-        needed = -(-(instance_bytes + SPARE_TRAILER.size + 4096) // _SPARE_STEP) * _SPARE_STEP
+        needed = -(-(instance_bytes + SPARE_TRAILER.size) // _SPARE_STEP) * _SPARE_STEP
         if needed <= self.size:
             return
         with self._changed:
