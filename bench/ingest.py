@@ -8,9 +8,18 @@ pynetdicom handler measures ~0.25 here), and the completion latency: storescu's 
 acknowledged, association released) → the job is QUEUED in Redis, which includes ``OPENMSK_SERIES_QUIET_S``
 (2 s by default).
 
-Mind the difference in work: the node fsyncs every file and its folder before it answers; storescp does not.
+A second run per round sends the same instances over ``--senders`` (default 4) concurrent associations to each
+(same total); ``--legacy`` adds an in-process node SCP with the old writes (empty spares, one fsync per
+instance) to the same rounds, for an A/B under the same machine load.
 
-    .venv/bin/python bench/ingest.py [--instances 500] [--rounds 3] [--profile]
+Mind the difference in work: the node makes every instance durable before it answers; storescp does not.
+Measured on the 2-core development VM (ext4 on virtio, shared with other jobs, so ±30 % between runs): one fsync
+of a new 512 kB file costs 5-11 ms; an fdatasync over pre-written blocks 1.4-2.8 ms (hence the pre-written
+spares); concurrent fsyncs of several associations already share ext4 journal commits (4 threads: 550-1950
+files/s), and one ``syncfs`` per batch of waiting files ("group commit") was slower (270-1380 files/s), so the
+node does not do that.
+
+    .venv/bin/python bench/ingest.py [--instances 500] [--rounds 3] [--senders 4] [--legacy] [--profile]
 
 ``--profile`` runs the node SCP inside this process instead, under cProfile (every thread), and prints where
 the time goes; ``--no-fsync`` (diagnostic only) runs it in-process without its fsync, to separate the disk's
@@ -195,6 +204,11 @@ def main() -> int:
         action="store_true",
         help="diagnostic: run the node SCP in-process without its fsync (never how the node runs)",
     )
+    parser.add_argument(
+        "--legacy",
+        action="store_true",
+        help="also time an in-process node SCP with the old writes (empty spares, one fsync each), side by side",
+    )
     parser.add_argument("--workdir", type=Path, help="where to put data (default: a temporary folder)")
     args = parser.parse_args()
     for tool in ("storescu", "storescp"):
@@ -248,6 +262,18 @@ def run(args: argparse.Namespace, work: Path) -> int:
                 log=work / "node.log",
                 cwd=Path(__file__).resolve().parents[1],
             )
+        legacy = None
+        if args.legacy:
+            from openmsk.config import load_settings
+            from scp.server import StorageSCP
+
+            legacy_port = free_port()
+            legacy_settings = load_settings(
+                data_dir=work / "legacy", redis_url=redis_server.url, scp_host="127.0.0.1",
+                scp_port=legacy_port, min_free_disk_mb=0,
+            )  # fmt: skip
+            legacy = StorageSCP(legacy_settings).start()
+            legacy.store.prewrite = False
         try:
             wait_until(lambda: port_open(dcmtk_port), 15, "storescp")
             wait_until(lambda: port_open(node_port), 30, "node SCP")
@@ -261,6 +287,9 @@ def run(args: argparse.Namespace, work: Path) -> int:
                 times["storescp"].append(send(source, dcmtk_port, "ANY-SCP"))
                 times["node"].append(send(source, node_port, "OPENMSK"))
                 acked = time.time()
+                if legacy is not None:
+                    clear_incoming(work / "legacy")
+                    times.setdefault("legacy", []).append(send(source, legacy.port, "OPENMSK"))
                 if round_index == 0:  # later rounds resend the same series: idempotent, no new job
                     queued = wait_for_job(store)
                     latency = None if queued is None else queued - acked
@@ -273,6 +302,9 @@ def run(args: argparse.Namespace, work: Path) -> int:
                     clear_incoming(node_data)
                     times["storescp xN"].append(send_parallel(parts, dcmtk_port, "ANY-SCP"))
                     times["node xN"].append(send_parallel(parts, node_port, "OPENMSK"))
+                    if legacy is not None:
+                        clear_incoming(work / "legacy")
+                        times.setdefault("legacy xN", []).append(send_parallel(parts, legacy.port, "OPENMSK"))
                     line += f"; x{args.senders}: " + ", ".join(
                         f"{name[:-3]} {times[name][-1]:.2f} s" for name in ("node xN", "storescp xN")
                     )
@@ -283,6 +315,8 @@ def run(args: argparse.Namespace, work: Path) -> int:
             else:
                 stop(node_proc)
             stop(storescp)
+            if legacy is not None:
+                legacy.stop()
         stored = sum(1 for _ in (node_data / "incoming").rglob("*.dcm"))  # those of the last round
     if stored != args.instances:
         print(f"node stored {stored} of {args.instances} instances", file=sys.stderr)
@@ -300,6 +334,13 @@ def run(args: argparse.Namespace, work: Path) -> int:
     if "node xN" in medians:
         ratio = medians["storescp xN"] / medians["node xN"]
         print(f"ratio node/storescp, {args.senders} concurrent associations: {ratio:.2f}  (target >= 0.9)")
+    for name in ("legacy", "legacy xN"):
+        if name in medians:  # the same rounds, so the same load on the machine
+            baseline = medians[name.replace("legacy", "storescp")]
+            print(
+                f"ratio {name.replace('xN', f'x{args.senders}')} (in-process, one fsync each)/storescp: "
+                f"{baseline / medians[name]:.2f}"
+            )
     if latency is None:
         print("completion latency: no job was queued within 60 s")
     else:

@@ -464,6 +464,7 @@ class InstanceStore:
         self.root = data_dir / INCOMING
         self.partial = self.root / PARTIAL
         self.fsync = fsync
+        self.prewrite = True  # False: empty spares and one fsync per instance (bench/ingest.py --legacy)
         self.partial.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
         self._lock = threading.Lock()
@@ -504,7 +505,7 @@ class InstanceStore:
                 crc = 0
                 for chunk in chunks:
                     crc = zlib.crc32(chunk, crc)
-                prewritten = self.fsync and 0 < size <= spare_size - SPARE_TRAILER.size
+                prewritten = self.fsync and self.prewrite and 0 < size <= spare_size - SPARE_TRAILER.size
                 if prewritten:
                     # Over the spare's zeros, the trailer at its end: fdatasync makes both durable with no
                     # journal commit. From here a crash leaves a spare recover_partial() restores.
@@ -533,7 +534,8 @@ class InstanceStore:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            self._spares.want(size)
+            if self.prewrite:
+                self._spares.want(size)
             self._ensure_dir(folder)
             try:
                 os.rename(temp, final)
