@@ -11,9 +11,10 @@ Layout under ``DATA_DIR``::
     incoming/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm   complete instances only
     incoming/.partial/                                                    files being written
 
-A file is written under ``.partial/``, fsync'd, renamed into its series folder (atomic on one file system) and
-the folder is fsync'd, so after a crash an instance is either wholly there or not at all, and a series folder
-never shows a half-written file to a reader. UIDs are checked against the UID grammar before they become path
+A file is written under ``.partial/``, made durable, renamed into its series folder (atomic on one file system;
+see :class:`InstanceStore` for how the flush is kept to one ``fdatasync`` without a journal commit), so after
+a crash an instance is either wholly there or not at all, and a series folder never shows a half-written file
+to a reader. UIDs are checked against the UID grammar before they become path
 parts, so no sender can make the SCP write outside ``incoming/``.
 """
 
@@ -458,6 +459,12 @@ class InstanceStore:
     temporary name, checks it against the CRC-32 in that name and moves it into place. A file whose checksum
     does not match was never acknowledged and is deleted. This saves an fsync of the folder per instance
     (~1 ms, a third of the disk time) without weakening the promise that an acknowledged instance is kept.
+
+    Usually the spare is *pre-written* (:class:`_SpareFiles`): the instance overwrites zeros already on disk,
+    a trailer (length, CRC-32) goes into the spare's last bytes, and ``fdatasync`` makes both durable without
+    a journal commit. Then the renames as above, and the zeros are cut off (``ftruncate``, after the first
+    rename: the journal keeps their order). After a crash :meth:`recover_partial` restores an instance from a
+    spare by its trailer, or from an uncut checksum-named file, cutting it to its data first.
     """
 
     def __init__(self, data_dir: Path, fsync: bool = True) -> None:
