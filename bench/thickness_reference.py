@@ -14,6 +14,11 @@ own, as its VTK/pyvista stack is not the node's). On each phantom both measure t
 
 It prints per subregion the truth, each method's mean and error, and the time of each (pymskt: the three
 bones' meshing and ray casting; the node: the whole analysis) with their ratio.
+
+Measured (seed 3, full size, sagittal right and oblique left knee, the shared 2-core machine under load):
+median |error| over the subregions 0.8 % for the node, 1.5 % for pymskt (which reads the weight-bearing
+femur 5-7 % thin); the node's worst +5.4 % (femoral anterior), pymskt's -7.1 %; pymskt took 27-45× the
+node's time (66-147 s against 2.5-3.2 s).
 """
 
 from __future__ import annotations
