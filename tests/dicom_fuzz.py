@@ -81,6 +81,7 @@ def base_instances(seed: int, size: int = 16) -> dict[str, bytes]:
     pixels = bytes(rng.randrange(256) for _ in range(size * size * 2))
     ds = mr_dataset(0, "1.2.826.0.1.3680043.10.543.1", "1.2.826.0.1.3680043.10.543.2", pixels, size, size)
     ds.SOPInstanceUID = _PLACEHOLDER
+    ds.FrameOfReferenceUID = _UID_PREFIX + "3"  # fixed, so that a seed gives the same bytes every run
     return {ts: encode(ds, ts) for ts in SYNTAXES}
 
 
