@@ -350,3 +350,21 @@ def test_job_page_shows_the_t2_warning_and_the_overlay(web: Web, store: JobStore
     assert "Done with a warning: T2 not computed" in page and hint in page and "T2_PARAMETERS_MISSING" in page
     assert f'src="/api/jobs/{job.id}/files/t2_overlay.png"' in page
     assert "T2 (ms)" in page and '<td class="num t2">38.4</td>' in page and "4.3" in page
+
+
+def test_a_thinned_echo_phantom_is_a_follow_up_visit_of_the_same_patient(tmp_path: Path) -> None:
+    """`openmsk phantom --echoes qdess --thin REGION=MM`: a new study and series of the same patient (the SCP
+    would otherwise take it for the baseline resent and make no job)."""
+    baseline = write_echo_series(generate_echoes("qdess", seed=7), tmp_path / "baseline")
+    follow_up = write_echo_series(
+        generate_echoes("qdess", seed=7, thinning={"femoral_medial_central": 0.3}), tmp_path / "follow-up"
+    )
+    first, later = (
+        pydicom.dcmread(sorted(Path(p["dicom_dir"]).rglob("*.dcm"))[0], stop_before_pixels=True)
+        for p in (baseline, follow_up)
+    )
+    assert later.PatientID == first.PatientID and later.StudyDate > first.StudyDate
+    assert later.StudyInstanceUID != first.StudyInstanceUID
+    assert later.SeriesInstanceUID != first.SeriesInstanceUID and later.SOPInstanceUID != first.SOPInstanceUID
+    truth = json.loads((tmp_path / "follow-up" / "truth.json").read_text())
+    assert truth["visit"] == 1

@@ -89,7 +89,14 @@ def run(args: argparse.Namespace) -> int:
     if args.echoes:
         from openmsk.phantom.echoes import generate_echoes, write_echo_series
 
-        echo = generate_echoes(args.echoes, args.seed, args.size, args.orientation, args.laterality)
+        echo = generate_echoes(
+            args.echoes,
+            args.seed,
+            args.size,
+            args.orientation,
+            args.laterality,
+            thinning=dict(getattr(args, "thin", [])) or None,
+        )
         paths = write_echo_series(echo, args.out_dir)
         print(
             f"{args.echoes} phantom: {len(echo.echo_times_ms)} echoes in {paths['dicom_dir']}, truth {paths['truth']}"

@@ -139,8 +139,13 @@ def generate_echoes(
     laterality: str = "R",
     *,
     snr: float = 40.0,
+    thinning: dict[str, float] | None = None,
 ) -> EchoPhantom:
-    """A qDESS or MESE phantom; the same arguments give the same pixels and UIDs."""
+    """A qDESS or MESE phantom; the same arguments give the same pixels and UIDs.
+
+    *thinning* makes it a follow-up visit, as :func:`openmsk.phantom.generate` does (same patient, new study
+    and series UIDs, cartilage thinner in the named regions).
+    """
     import numpy as np
 
     from openmsk.phantom import generate
@@ -149,7 +154,7 @@ def generate_echoes(
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if not snr > 0:
         raise ValueError(f"snr must be positive, got {snr!r}")
-    base = generate(seed=seed, size=size, orientation=orientation, laterality=laterality)
+    base = generate(seed=seed, size=size, orientation=orientation, laterality=laterality, thinning=thinning)
     amplitude = base.image.astype(np.float32)
     t2_map, t1_map = _tissue_maps(base.labels)
     if kind == "qdess":
@@ -202,8 +207,10 @@ def write_echo_series(
     out = Path(out_dir)
     base = phantom.base
     meta = base.meta
+    # A follow-up visit is a new study: its echo series must not reuse the baseline's UIDs.
+    visit = () if not meta.get("visit") else (f"visit{meta['visit']}",)
     series_uid = phantom_uid(
-        meta["seed"], meta["laterality"], meta["size"], meta["orientation"], phantom.kind
+        meta["seed"], meta["laterality"], meta["size"], meta["orientation"], phantom.kind, *visit
     )
     paths = write_series(base, out)  # labels.nii.gz and truth.json of the anatomy; dicom/ replaced below
     for old in paths["dicom_files"]:
