@@ -25,7 +25,7 @@ class SeriesRow:
     modality: str
     description: str
     instances: int
-    results: list[str] = field(default_factory=list)  # "model version" of each SEG that references the series
+    results: list[str] = field(default_factory=list)  # "model version" of the runs whose SEGs reference it
 
 
 def client_for(settings: Settings) -> OrthancApiClient:
@@ -68,7 +68,7 @@ def list_series(client: OrthancApiClient) -> list[SeriesRow]:
             )
     for source, models in results.items():
         if source in rows:
-            rows[source].results = sorted(models)
+            rows[source].results = sorted(set(models))  # one run writes two SEGs: tissues, subregions
     return sorted(rows.values(), key=lambda r: (r.study_uid, r.modality, r.series_uid))
 
 

@@ -29,7 +29,7 @@ from tests.conftest import SEAWEEDFS_ACCESS_KEY, SEAWEEDFS_SECRET_KEY
 from tests.processes import health, openmsk, wait_for
 from tests.test_objectstore import _aws_env
 from tests.test_web_api import TOKEN, series_zip
-from tests.test_worker_e2e import _port_open, orthanc_series, worker_env
+from tests.test_worker_e2e import _port_open, assert_results_once, orthanc_series, worker_env
 from tests.worker_harness import stage_phantom, submit
 
 pytestmark = pytest.mark.skipif(
@@ -128,8 +128,11 @@ def test_workers_without_a_shared_disk(
             assert job.input_via == "object-store"
             ran = worker_dirs[_ran_on(job, workers)]
             assert (ran / job.input_path).exists()  # fetched into that worker's own DATA_DIR
-            assert len(orthanc_series(orthanc_server, job.study_uid, "SEG")) == 1
-            assert len(orthanc_series(orthanc_server, job.study_uid, "MR")) == 1
+            assert_results_once(orthanc_server, job)
+            assert [
+                s["MainDicomTags"]["SeriesInstanceUID"]
+                for s in orthanc_series(orthanc_server, job.study_uid, "MR")
+            ] == [job.series_uid]
         assert _ran_on(upload_job, workers) != _ran_on(scp_job, workers)  # prefetch 1: the idle one took it
 
         # The web never had the outputs on its disk; it serves them from the store.
@@ -155,8 +158,7 @@ def test_workers_without_a_shared_disk(
         job = store.get(job.id)
         assert job.state is JobState.DONE, job.error
         assert _ran_on(job, workers) == survivor and job.attempts == 2
-        segs = orthanc_series(orthanc_server, job.study_uid, "SEG")
-        assert len(segs) == 1 and len(segs[0]["Instances"]) == 1
+        assert_results_once(orthanc_server, job)
 
         # 3. The store goes down: a published job waits (saying why) in the worker, a new series waits in the
         # SCP's outbox, /health says degraded; both finish once the store is back.

@@ -35,7 +35,6 @@ from openmsk.phantom import generate, write_series
 from tests.processes import openmsk, settings_env, wait_for
 from tests.test_viewer_proxy import (
     PASSWORD,
-    PHANTOM_SEED,
     USER,
     Study,
     Viewer,
@@ -78,6 +77,9 @@ def study(redis_url: str, orthanc_server: ManagedOrthanc, tmp_path: Path) -> Ite
     delete_study(orthanc_server, made)
 
 
+SCANNER_SEED = 808  # the study a "scanner" sends here: no other test uses it (the proxy tests upload seed 8)
+
+
 def scanner_study(redis_url: str, orthanc: ManagedOrthanc, tmp_path: Path) -> Study:
     """A phantom series sent by storescu to the node's SCP; returns the study once the job is done."""
     node = load_settings(
@@ -86,7 +88,7 @@ def scanner_study(redis_url: str, orthanc: ManagedOrthanc, tmp_path: Path) -> St
         orthanc_dicom_port=orthanc.dicom_port, orthanc_aet=orthanc.aet, series_quiet_s=0.5,
         min_free_disk_mb=0, device="cpu",
     )  # fmt: skip
-    files = write_series(generate(seed=PHANTOM_SEED, size="small"), tmp_path / "phantom")["dicom_files"]
+    files = write_series(generate(seed=SCANNER_SEED, size="small"), tmp_path / "phantom")["dicom_files"]
     env = settings_env(node)
     processes = [openmsk(name, env, tmp_path / f"{name}.log") for name in ("scp", "worker")]
     store = JobStore.from_url(redis_url)
@@ -113,10 +115,18 @@ def scanner_study(redis_url: str, orthanc: ManagedOrthanc, tmp_path: Path) -> St
         auth=auth,
         timeout=10,
     ).json()
-    assert len(found) == 1, found
-    seg_bytes = requests.get(f"{orthanc.url}/instances/{found[0]}/file", auth=auth, timeout=30).content
-    seg = pydicom.dcmread(io.BytesIO(seg_bytes))
-    study_id = requests.get(f"{orthanc.url}/instances/{found[0]}/study", auth=auth, timeout=10).json()["ID"]
+    segs = {
+        instance: pydicom.dcmread(
+            io.BytesIO(
+                requests.get(f"{orthanc.url}/instances/{instance}/file", auth=auth, timeout=30).content
+            )
+        )
+        for instance in found
+    }
+    # Two SEGs in the study: the tissues (drawn below) and the cartilage subregions.
+    assert sorted(str(ds.ContentLabel) for ds in segs.values()) == ["KNEE_REGIONS", "KNEE_SEG"], found
+    tissue_id, seg = next((i, ds) for i, ds in segs.items() if ds.ContentLabel == "KNEE_SEG")
+    study_id = requests.get(f"{orthanc.url}/instances/{tissue_id}/study", auth=auth, timeout=10).json()["ID"]
     return Study(
         study_uid=job.study_uid,
         mr_series_uid=job.series_uid,
@@ -237,11 +247,12 @@ def test_viewer_shows_the_study_and_the_nodes_seg(viewer: Viewer, study: Study) 
             dismiss_overlays(page)
             wait_for_image(pane, lambda image: middle(image).std() > 10, "an MR image (not a blank canvas)")
 
-            # The SEG: a thumbnail without image (beside the SR's), named as the node names it.
-            thumbnail = page.locator('[data-cy="study-browser-thumbnail-no-image"]').filter(has_text="SEG")
-            expect(thumbnail).to_have_count(1, timeout=LOAD_TIMEOUT_MS)
-            expect(thumbnail).to_contain_text("SEG")
-            expect(thumbnail).to_contain_text(str(study.seg.SeriesDescription))
+            # The SEGs: thumbnails without image (beside the SR's), named as the node names them; the
+            # tissues' one is opened (the other holds the cartilage subregions).
+            segs = page.locator('[data-cy="study-browser-thumbnail-no-image"]').filter(has_text="SEG")
+            expect(segs).to_have_count(2, timeout=LOAD_TIMEOUT_MS)
+            thumbnail = segs.filter(has_text=str(study.seg.SeriesDescription))
+            expect(thumbnail).to_have_count(1)
             dismiss_overlays(page)
             thumbnail.dblclick()
             page.locator('[data-cy="yes-hydrate-btn"]').click(timeout=LOAD_TIMEOUT_MS)

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from openmsk.config import Settings
-from openmsk.jobs import JobState, JobStore
+from openmsk.jobs import Job, JobState, JobStore
 from openmsk.managed.orthanc import ManagedOrthanc
 from openmsk.managed.process import free_port
 from openmsk.models.registry import load_registry
@@ -42,6 +42,28 @@ def orthanc_series(orthanc: ManagedOrthanc, study_uid: str, modality: str) -> li
     )
     response.raise_for_status()
     return response.json()
+
+
+def assert_results_once(orthanc: ManagedOrthanc, job: Job) -> None:
+    """Every DICOM result the job recorded (tissue SEG, region SEG, SR, maps, T2) is in the source study
+    exactly once, and the study holds no other result of the node: a rerun replaced, never duplicated."""
+    assert job.results, "the job recorded no DICOM results"
+    found: dict[str, int] = {}
+    for modality in sorted({"SEG", "SR", "OT", "MR"}):
+        for series in orthanc_series(orthanc, job.study_uid, modality):
+            if modality == "MR" and series["MainDicomTags"].get("SeriesInstanceUID") == job.series_uid:
+                continue  # the source images
+            for instance in series["Instances"]:
+                tags = requests.get(
+                    f"{orthanc.url}/instances/{instance}/simplified-tags",
+                    auth=(orthanc.user, orthanc.password),
+                    timeout=10,
+                ).json()
+                uid = tags["SOPInstanceUID"]
+                found[uid] = found.get(uid, 0) + 1
+    expected = {result.sop_instance_uid for result in job.results}
+    assert set(found) == expected, f"results in Orthanc {sorted(found)} != recorded {sorted(expected)}"
+    assert all(count == 1 for count in found.values()), found
 
 
 def worker_settings(settings: Settings, orthanc: ManagedOrthanc) -> Settings:
@@ -117,12 +139,16 @@ def test_storescu_to_node_puts_seg_and_sr_into_the_study_in_orthanc(
         assert expected <= names
 
         assert job.archive == ["orthanc"]
-        images = orthanc_series(orthanc_server, job.study_uid, "MR")
-        segs = orthanc_series(orthanc_server, job.study_uid, "SEG")
-        srs = orthanc_series(orthanc_server, job.study_uid, "SR")
+        images = [
+            series
+            for series in orthanc_series(orthanc_server, job.study_uid, "MR")
+            if series["MainDicomTags"].get("SeriesInstanceUID") == job.series_uid
+        ]
         assert len(images) == 1 and len(images[0]["Instances"]) == len(files)
-        assert len(segs) == 1 and len(segs[0]["Instances"]) == 1
-        assert len(srs) == 1
+        assert_results_once(orthanc_server, job)
+        segs = orthanc_series(orthanc_server, job.study_uid, "SEG")
+        assert len(segs) == 2  # the tissues and the cartilage subregions
+        assert len(orthanc_series(orthanc_server, job.study_uid, "SR")) == 1
 
         # `openmsk orthanc series` shows the result next to its source series, with the model version.
         rows = {
@@ -175,8 +201,7 @@ def test_killed_worker_job_finishes_on_second_worker_once(
         print(f"rerun started {redelivered:.1f} s and finished {finished:.1f} s after the kill")
         assert redelivered < 15  # heartbeat timeout + a maintenance pass
         assert finished < 30
-        segs = orthanc_series(orthanc_server, job.study_uid, "SEG")
-        assert len(segs) == 1 and len(segs[0]["Instances"]) == 1  # the rerun replaced, never duplicated
+        assert_results_once(orthanc_server, job)  # the rerun replaced, never duplicated
     finally:
         for proc in workers:
             if proc.poll() is None:
@@ -213,7 +238,7 @@ def test_job_waits_in_delivering_while_orthanc_is_down(
         wait_job(store, job.id, {JobState.DONE, JobState.FAILED}, 60)
         job = store.get(job.id)
         assert job.state is JobState.DONE, job.error
-        assert len(orthanc_series(orthanc, job.study_uid, "SEG")) == 1
+        assert_results_once(orthanc, job)
     finally:
         worker.kill()
         worker.wait(timeout=10)
