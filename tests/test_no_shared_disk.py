@@ -102,7 +102,12 @@ def test_workers_without_a_shared_disk(
     try:
         wait_for(lambda: _port_open(settings.scp_port), 30, "SCP listening")
         wait_for(lambda: len(health(settings.web_port)[1]["workers"]) == 2, 90, "both workers in /health")
-        assert health(settings.web_port)[1]["storage"] == "available"
+        listed = health(settings.web_port)[1]
+        assert listed["storage"] == "available"
+        assert {w["id"].rsplit(":", 1)[1] for w in listed["workers"]} == {
+            str(p.pid) for p in workers.values()
+        }
+        assert all(w["device"] == "cpu" for w in listed["workers"])
 
         # 1. An upload and a scanner's series, one on each worker; each fetches its input from the store.
         uploaded = _phantom(tmp_path, 4501)

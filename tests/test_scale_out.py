@@ -1,4 +1,5 @@
-"""Scale-out on one machine: several worker processes share the queues; urgent jobs overtake a backlog."""
+"""Scale-out on one machine: urgent jobs overtake a backlog. (Two workers sharing the queues, each listed in
+/health and each taking a job, are tested without a shared disk in tests/test_no_shared_disk.py.)"""
 
 from __future__ import annotations
 
@@ -8,37 +9,9 @@ from openmsk.config import Settings
 from openmsk.jobs import JobState, JobStore
 from openmsk.managed.orthanc import ManagedOrthanc
 from openmsk.models.registry import load_registry
-from tests.processes import health, openmsk, wait_for
+from tests.processes import openmsk, wait_for
 from tests.test_worker_e2e import worker_env
 from tests.worker_harness import stage_phantom, submit
-
-
-def test_two_workers_take_two_jobs_and_health_lists_both(
-    settings: Settings, orthanc_server: ManagedOrthanc, tmp_path: Path
-) -> None:
-    model = load_registry(settings.model_registry).default.name
-    env = worker_env(settings, orthanc_server)
-    env["OPENMSK_MIN_FREE_DISK_MB"] = "0"
-    workers = [openmsk("worker", env, tmp_path / f"worker{n}.log") for n in (1, 2)]
-    web = openmsk("web", env, tmp_path / "web.log")
-    store = JobStore.from_url(str(settings.redis_url))
-    try:
-        wait_for(lambda: len(health(settings.web_port)[1]["workers"]) == 2, 60, "both workers in /health")
-        listed = {w["id"] for w in health(settings.web_port)[1]["workers"]}
-        assert {ident.rsplit(":", 1)[1] for ident in listed} == {str(w.pid) for w in workers}
-        assert all(w["device"] == "cpu" for w in health(settings.web_port)[1]["workers"])
-
-        staged = [stage_phantom(settings.data_path, seed=4200 + n)[1] for n in range(2)]
-        jobs = [submit(str(settings.redis_url), settings.data_path, s, model, []) for s in staged]
-        for job in jobs:
-            wait_for(lambda j=job: store.get(j.id).terminal, 180, f"job {job.id} finished")
-        done = [store.get(job.id) for job in jobs]
-        assert all(j.state is JobState.DONE for j in done), [j.error for j in done]
-        assert done[0].worker != done[1].worker  # prefetch 1: the second job went to the idle worker
-    finally:
-        for proc in (*workers, web):
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def test_urgent_job_overtakes_the_backlog(
