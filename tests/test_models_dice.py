@@ -82,7 +82,9 @@ def test_dice_on_unseen_phantoms(
         )
         for i, (_, size, orientation, laterality) in enumerate(CASES):
             if scores[i, j] < required:
-                failures.append(f"{tissue} {scores[i, j]:.3f} < {required} on {size} {orientation} {laterality}")
+                failures.append(
+                    f"{tissue} {scores[i, j]:.3f} < {required} on {size} {orientation} {laterality}"
+                )
     with capsys.disabled():
         print("\n".join(lines))
     assert not failures, f"{name}: " + "; ".join(failures)
