@@ -155,28 +155,22 @@ def measurement_group(
     """The TID 1411 group of one tissue or region's measurement *entry*; ``None`` when nothing was measured."""
     import highdicom as hd
 
-    measurements = []
-    volume = _number(entry.get("volume_mm3"))
-    if volume is not None:
-        measurements.append(
+    def single(code: CodedTerm, unit: CodedTerm, value: Any) -> list[Any]:
+        number = _number(value)
+        if number is None:  # not measured: no value at all, never 0
+            return []
+        return [
             hd.sr.Measurement(
-                name=CODE_VOLUME.to_code(),
-                value=_round(volume, 3),
-                unit=_UNIT_MM3.to_code(),
+                name=code.to_code(),
+                value=_round(number, 3),
+                unit=unit.to_code(),
                 algorithm_id=analysis_algorithm,
             )
-        )
+        ]
+
+    measurements = single(CODE_VOLUME, _UNIT_MM3, entry.get("volume_mm3"))
     measurements += _statistics(CODE_THICKNESS, _UNIT_MM, entry.get("thickness_mm"), 4, analysis_algorithm)
-    area = _number(entry.get("interface_area_mm2"))
-    if area is not None:
-        measurements.append(
-            hd.sr.Measurement(
-                name=CODE_AREA.to_code(),
-                value=_round(area, 3),
-                unit=_UNIT_MM2.to_code(),
-                algorithm_id=analysis_algorithm,
-            )
-        )
+    measurements += single(CODE_AREA, _UNIT_MM2, entry.get("interface_area_mm2"))
     measurements += _statistics(CODE_T2, _UNIT_MS, entry.get("t2_ms"), 3, analysis_algorithm)
     if not measurements:
         return None
