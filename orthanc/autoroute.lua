@@ -8,13 +8,15 @@
 --
 -- A series is "stable" when Orthanc received no new instance of it for StableAge seconds (orthanc.json). Only
 -- MR series are sent: the node's routing rules (scp/routing.toml) decide what happens to them, and the results
--- the node sends back (SEG, SR) are not MR. Nor is a series the node itself sent here (a scanner that sends to
--- the node first: the node archives the images in Orthanc over DICOM, so Orthanc records the node's AE title as
--- their RemoteAET): nothing loops. The send runs as an asynchronous Orthanc job, so a large series does not hold
+-- the node sends back (SEG, SR, parametric maps) are not MR; its one MR output (the derived series a T2 map
+-- is drawn over) names the node as Manufacturer and is not sent either. Nor is a series the node itself sent
+-- here (a scanner that sends to the node first: the node archives the images in Orthanc over DICOM, so
+-- Orthanc records the node's AE title as their RemoteAET): nothing loops. The send runs as an asynchronous Orthanc job, so a large series does not hold
 -- up Orthanc's other Lua events; a failed send stays in Orthanc's job list (GET /jobs) and can be resubmitted.
 
 local NODE_MODALITY = 'openmsk'
 local FORWARDED_MODALITIES = { MR = true }
+local NODE_MANUFACTURER = 'OpenMSK' -- worker/dicom/general.py MANUFACTURER
 
 -- The AE title of the node as registered in DicomModalities (nil if Orthanc cannot tell).
 local function NodeAet()
@@ -44,6 +46,11 @@ function OnStableSeries(seriesId, tags, metadata)
   local modality = tags['Modality']
   if not FORWARDED_MODALITIES[modality] then
     print('OpenMSK: not forwarding stable ' .. tostring(modality) .. ' series ' .. seriesId)
+    return
+  end
+  if tags['Manufacturer'] == NODE_MANUFACTURER then
+    -- the node's own derived images (the series a T2 map is drawn over): results, not input
+    print('OpenMSK: series ' .. seriesId .. ' was made by the node; not sent back')
     return
   end
   if SentByNode(seriesId) then

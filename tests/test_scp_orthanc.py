@@ -78,6 +78,11 @@ def test_orthanc_autoroutes_stable_mr_series_only(
 ) -> None:
     mr = write_mr_series(tmp_path / "mr", 24, 16, 16)
     ct = write_mr_series(tmp_path / "ct", 3, 16, 16, modality="CT", sop_class="1.2.840.10008.5.1.4.1.1.2")
+    ours = write_mr_series(tmp_path / "ours", 3, 16, 16, seed=77)  # as the node's derived T2 base series
+    for path in ours:
+        ds = pydicom.dcmread(path)
+        ds.Manufacturer = "OpenMSK"
+        ds.save_as(path)
     orthanc = ManagedOrthanc(
         data_dir=tmp_path / "orthanc",
         http_port=free_port(),
@@ -90,6 +95,7 @@ def test_orthanc_autoroutes_stable_mr_series_only(
     )
     with orthanc:
         upload(orthanc, ct)
+        upload(orthanc, ours)
         upload(orthanc, mr)
         [job] = wait_for(lambda: queued_jobs(settings.redis_url or "", 1), what="the auto-routed job")  # type: ignore[misc]
         assert job.series_uid == pydicom.dcmread(mr[0], stop_before_pixels=True).SeriesInstanceUID
@@ -99,3 +105,6 @@ def test_orthanc_autoroutes_stable_mr_series_only(
         log = orthanc.data_dir / "orthanc.log"
         wait_for(lambda: "not forwarding stable CT series" in log.read_text(), what="the CT decision")
         assert not list((settings.data_path / "incoming").glob(f"*/{ct_series}"))
+        wait_for(lambda: "was made by the node; not sent back" in log.read_text(), what="the node's own MR")
+        own_series = pydicom.dcmread(ours[0], stop_before_pixels=True).SeriesInstanceUID
+        assert not list((settings.data_path / "incoming").glob(f"*/{own_series}"))

@@ -129,8 +129,54 @@ def test_parametric_map_valid_equal_on_readback_same_uids_on_rerun(
         for item in series.ReferencedInstanceSequence
     }
     assert {str(s.SOPInstanceUID) for e in volume.echo_sources for s in e} <= referenced
+    assert (
+        mapping.RealWorldValueSlope == 100.0
+    )  # stored in 100 ms units (worker/dicom/pm/content.py says why)
     back = read_pm_map(ds, volume.affine_lps, volume.image.shape)
-    assert back.dtype == np.float32 and np.array_equal(back, t2.t2_ms)
+    assert back.dtype == np.float32
+    np.testing.assert_allclose(back, t2.t2_ms, rtol=2e-7, atol=0)  # float32 rounding of the 100 ms unit only
+    normal = np.cross(*np.reshape(volume.sources[0].ImageOrientationPatient, (2, 3)))
+    heights = [
+        float(normal @ np.asarray(g.PlanePositionSequence[0].ImagePositionPatient, float))
+        for g in ds.PerFrameFunctionalGroupsSequence
+    ]
+    assert heights == sorted(heights)  # frames from the lowest slice up, as viewers stack the images
+
+
+@pytest.mark.parametrize("kind", ["qdess", "mese"])
+def test_the_map_is_drawn_over_a_derived_one_echo_series(kind: str, tmp_path: Path) -> None:
+    """run_t2 writes the image it segmented as a derived MR series (one image per slice) and the map
+    references it first; the series passes dciodvfy, is DERIVED (never routed to segmentation again), keeps
+    its UIDs on a rerun, and holds the segmented image's values (MESE: echo 1 itself)."""
+    phantom, dicom_dir = _written(tmp_path, kind)
+    volume = load_input(dicom_dir)
+    assert isinstance(volume, MultiEchoVolume)
+    runs = [run_t2(volume, phantom.base.labels, {}, "model", "1.0", tmp_path / name) for name in ("a", "b")]
+    assert [uid for _, _, uid in runs[0].dicom] == [uid for _, _, uid in runs[1].dicom]
+    *base_items, (pm_path, pm_class, _) = runs[0].dicom
+    assert pm_class == PARAMETRIC_MAP_STORAGE and len(base_items) == volume.image.shape[2]
+    base = [pydicom.dcmread(path) for path, _, _ in base_items]
+    pm = pydicom.dcmread(pm_path, stop_before_pixels=True)
+    first = pm.ReferencedSeriesSequence[0]
+    assert first.SeriesInstanceUID == base[0].SeriesInstanceUID
+    assert [i.ReferencedSOPInstanceUID for i in first.ReferencedInstanceSequence] == [
+        ds.SOPInstanceUID for ds in base
+    ]
+    assert len({ds.SeriesInstanceUID for ds in base}) == 1 and base[0].StudyInstanceUID == volume.study_uid
+    assert base[0].SeriesInstanceUID != volume.sources[0].SeriesInstanceUID
+    assert list(base[0].ImageType)[:2] == ["DERIVED", "SECONDARY"] and base[0].Manufacturer == "OpenMSK"
+    assert len(base[0].SourceImageSequence) == len(volume.echo_sources)  # every echo at that slice
+    check = subprocess.run(["dciodvfy", str(base_items[3][0])], capture_output=True, text=True, timeout=60)
+    assert "MRImage" in check.stdout + check.stderr and "Error" not in check.stdout + check.stderr, (
+        check.stderr
+    )
+    stack = np.stack([ds.pixel_array.T for ds in base], axis=-1).astype(np.float32)
+    if kind == "mese":
+        echo1 = np.stack([ds.pixel_array.T for ds in volume.echo_sources[0]], axis=-1)
+        assert np.array_equal(stack, echo1)
+    else:  # the echoes' root-sum-of-squares, scaled only if it would overflow the stored bits
+        scale = min(1.0, (2 ** int(base[0].BitsStored) - 1) / float(volume.image.max()))
+        assert np.allclose(stack, volume.image * scale, atol=0.51)
 
 
 def test_missing_spoiler_tags_skip_t2_with_a_warning_naming_them(tmp_path: Path) -> None:
@@ -147,7 +193,8 @@ def test_missing_spoiler_tags_skip_t2_with_a_warning_naming_them(tmp_path: Path)
     out = run_t2(
         volume, phantom.base.labels, measurements, "model", "1.0", tmp_path / "out", overrides=overrides
     )
-    assert out.warning is None and [p.name for p in out.files] == ["t2_overlay.png", "t2_pm.dcm"]
+    names = [p.name for p in out.files]
+    assert out.warning is None and names[0] == "t2_overlay.png" and names[-1] == "t2_pm.dcm"
     femoral = measurements["tissues"]["femoral_cartilage"]["t2_ms"]
     assert abs(femoral["mean"] - phantom.t2_truth_ms["femoral_cartilage"]) < 0.05 * femoral["mean"]
     assert measurements["method"]["t2"]["assumed_t1_ms"]["femoral_cartilage"] == 1200.0
@@ -265,6 +312,13 @@ def test_worker_jobs_on_qdess_deliver_t2_or_finish_with_a_warning(
         pm_uid = next(r.sop_instance_uid for r in job.results if r.sop_class_uid == PARAMETRIC_MAP_STORAGE)
         found = requests.post(f"{orthanc_server.url}/tools/lookup", data=pm_uid, auth=auth, timeout=10).json()
         assert [item["Type"] for item in found] == ["Instance"]
+        # ... with the derived one-echo series it is drawn over, every slice once
+        pm = pydicom.dcmread(settings.data_path / f"jobs/{job.id}/output/t2_pm.dcm", stop_before_pixels=True)
+        base_uid = pm.ReferencedSeriesSequence[0].SeriesInstanceUID
+        found = requests.post(f"{orthanc_server.url}/tools/lookup", data=base_uid, auth=auth, timeout=10)
+        [base] = found.json()
+        instances = requests.get(f"{orthanc_server.url}/series/{base['ID']}", auth=auth, timeout=10).json()
+        assert len(instances["Instances"]) == phantom.base.labels.shape[2]
 
         warned = jobs.get(warned.id)
         assert warned.state is JobState.DONE, warned.error

@@ -1,5 +1,8 @@
 """The T2 stage of a job: after the segmentation, compute the map, its statistics, the PM and the overlay.
 
+The PM goes with the derived one-echo series it is drawn over (:mod:`worker.dicom.mr`), both into the source
+study.
+
 It runs when the loaded series is multi-echo (:class:`~worker.t2.echoes.MultiEchoVolume`) and the job's
 routing rule did not turn T2 off. Missing acquisition parameters do not fail the job: T2 is skipped with a
 warning (``T2_PARAMETERS_MISSING``, the hint naming the attribute) and the segmentation, thickness, report
@@ -18,6 +21,7 @@ from numpy.typing import NDArray
 
 from openmsk.atomic import atomic_file
 from openmsk.jobs import ErrorCode
+from worker.dicom.mr import write_derived_mr
 from worker.dicom.pm import write_pm
 from worker.t2.compute import T2_MODEL_VERSION, compute_t2
 from worker.t2.echoes import MultiEchoVolume
@@ -41,7 +45,8 @@ class T2Warning:
 
 @dataclass
 class T2Outputs:
-    """What the stage wrote: files (overlay, PM), the PM as (path, SOP class, SOP instance), a warning."""
+    """What the stage wrote: files (overlay, PM, derived series), its DICOM as (path, SOP class, SOP instance),
+    a warning."""
 
     files: list[Path] = field(default_factory=list)
     dicom: list[tuple[Path, str, str]] = field(default_factory=list)
@@ -80,14 +85,22 @@ def run_t2(
     overlay = write_t2_overlay(volume.image, t2.t2_ms, labels, out_dir / OVERLAY_NAME)
     out.files.append(overlay)
     if dicom_outputs:
+        t2_model = f"{t2.model}-{T2_MODEL_VERSION}"
+        # The map is drawn over the derived one-echo series (see worker.dicom.mr), derived from every echo.
+        base = write_derived_mr(volume, model_name, model_version, t2_model, out_dir / "t2_base")
+        out.files.extend(base.paths)
+        out.dicom.extend(
+            (path, base.sop_class_uid, uid) for path, uid in zip(base.paths, base.sop_uids, strict=True)
+        )
         pm = write_pm(
             volume,
             t2.t2_ms,
             model_name,
             model_version,
-            f"{t2.model}-{T2_MODEL_VERSION}",
+            t2_model,
             out_dir / "t2_pm.dcm",
-            further_sources=[ds for echo in volume.echo_sources[1:] for ds in echo],
+            further_sources=[ds for echo in volume.echo_sources for ds in echo],
+            source_images=base.datasets,
         )
         out.files.append(pm.path)
         out.dicom.append((pm.path, pm.sop_class_uid, pm.sop_uid))

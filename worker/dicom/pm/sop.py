@@ -1,7 +1,9 @@
 """The T2 map as a DICOM Parametric Map (float32 pixels, values in ms), in the source study.
 
 The map shares the source series' study and frame of reference, references its instances (echo 1 as the
-source images, the other echoes as further sources: the map is derived from all of them) and carries a Real
+source images, the other echoes as further sources: the map is derived from all of them; where the node also
+wrote the derived one-echo series of :mod:`worker.dicom.mr`, that series comes first, so viewers draw the map
+over it) and carries a Real
 World Value Mapping in ms with the T2 quantity code (:mod:`worker.dicom.pm.content`). Series and SOP Instance
 UIDs are derived from (source SeriesInstanceUID, model name, model version, T2 model, "t2-pm"): a rerun
 replaces the map in the PACS instead of adding a second one.
@@ -27,7 +29,13 @@ from worker.dicom.general import (
     person_name,
     save_dataset,
 )
-from worker.dicom.pm.content import CONTENT_LABEL, PM_SERIES_NUMBER_OFFSET, T2_WINDOW_MS, t2_value_mapping
+from worker.dicom.pm.content import (
+    CONTENT_LABEL,
+    PM_SERIES_NUMBER_OFFSET,
+    STORED_UNIT_MS,
+    T2_WINDOW_MS,
+    t2_value_mapping,
+)
 from worker.uids import derive_uid
 
 if TYPE_CHECKING:
@@ -62,6 +70,7 @@ def write_pm(
     out_path: str | Path,
     *,
     further_sources: Sequence[Dataset] = (),
+    source_images: Sequence[Dataset] | None = None,
 ) -> PmResult:
     """Write the T2 map *t2_ms* (ms, on *volume*'s grid, index (i, j, k)) as a Parametric Map to *out_path*.
 
@@ -77,6 +86,9 @@ def write_pm(
         ``"qdess"`` or ``"mese"``: takes part in the UIDs and the description.
     further_sources: sequence of Dataset
         The other echoes' instances, referenced as further source images.
+    source_images: sequence of Dataset, optional
+        The images the map's frames lie on, one per slice in slice order (default: ``volume.sources``); the
+        first series referenced, the one a viewer overlays the map on.
 
     Raises
     ------
@@ -88,19 +100,21 @@ def write_pm(
     shape = tuple(np.shape(volume.image))
     if tuple(t2_ms.shape) != shape:
         raise ValueError(f"T2 map shape {t2_ms.shape} differs from the image shape {shape}")
-    if len(volume.sources) != shape[2]:
-        raise ValueError(f"{len(volume.sources)} source instances for {shape[2]} slices")
+    sources = list(volume.sources if source_images is None else source_images)
+    if len(sources) != shape[2]:
+        raise ValueError(f"{len(sources)} source instances for {shape[2]} slices")
     if not model_name or not model_version:
         raise ValueError("model_name and model_version must be non-empty")
     values = np.nan_to_num(np.asarray(t2_ms, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     np.maximum(values, 0.0, out=values)
-    # (i, j, k) -> (frame k, row j, column i), the frame layout highdicom expects
-    pixels = np.ascontiguousarray(values.transpose(2, 1, 0))
-    source0 = volume.sources[0]
+    peak_ms = float(values.max()) if values.size else 0.0
+    # (i, j, k) -> (frame k, row j, column i), the frame layout highdicom expects; stored in 100 ms units
+    pixels = np.ascontiguousarray(values.transpose(2, 1, 0)) / np.float32(STORED_UNIT_MS)
+    source0 = volume.sources[0]  # the acquired series: the UIDs, series number and laterality come from it
     series_uid, sop_uid = pm_uids(str(source0.SeriesInstanceUID), model_name, model_version, t2_model)
     label = "qDESS" if t2_model == "qdess" else "multi-echo SE"
     pm = hd.pm.ParametricMap(
-        source_images=volume.sources,
+        source_images=sources,
         pixel_array=pixels,
         series_instance_uid=series_uid,
         series_number=PM_SERIES_NUMBER_OFFSET + int(source0.get("SeriesNumber", 0) or 0),
@@ -111,10 +125,13 @@ def write_pm(
         software_versions=__version__,
         device_serial_number="1",
         contains_recognizable_visual_features=False,
-        real_world_value_mappings=[t2_value_mapping(float(pixels.max()))],
-        voi_lut_transformations=[
+        real_world_value_mappings=[t2_value_mapping(peak_ms)],
+        voi_lut_transformations=[  # on the stored values
             hd.VOILUTTransformation(
-                window_center=T2_WINDOW_MS[0], window_width=T2_WINDOW_MS[1], window_explanation="T2 0-80 ms"
+                window_center=T2_WINDOW_MS[0] / STORED_UNIT_MS,
+                window_width=T2_WINDOW_MS[1] / STORED_UNIT_MS,
+                window_explanation="T2 0-80 ms",
+                voi_lut_function="LINEAR_EXACT",  # a width under 1 needs it; exact suits a float map anyway
             )
         ],
         content_label=CONTENT_LABEL,
@@ -122,6 +139,7 @@ def write_pm(
         content_creator_name=person_name(MANUFACTURER_MODEL_NAME),
         further_source_images=list(further_sources) or None,
     )
+    _order_frames_along_the_normal(pm)
     pm.SeriesDescription = fit_text(f"OpenMSK T2 map ms ({label})", 64)
     laterality = knee_laterality(source0)
     if laterality is not None:  # General Series, type 2C for a paired body part: the knee's side
@@ -130,6 +148,27 @@ def write_pm(
         pm.BodyPartExamined = source0.BodyPartExamined
     path = save_dataset(pm, out_path)
     return PmResult(series_uid, sop_uid, str(pm.SOPClassUID), path, pm)
+
+
+def _order_frames_along_the_normal(pm: Dataset) -> None:
+    """Put the frames in ascending position along row x column, the order viewers stack the source images.
+
+    highdicom sorts the frames the other way. Each frame keeps its own functional groups (position, dimension
+    index), so any order is valid DICOM, but OHIF's parametric-map extension ignores the positions and fills
+    its volume frame by frame from the lowest slice: in highdicom's order the map would be drawn upside down.
+    """
+    groups = list(pm.PerFrameFunctionalGroupsSequence)
+    orientation = np.asarray(
+        pm.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient, float
+    )
+    normal = np.cross(orientation[:3], orientation[3:])
+    distances = [float(np.dot(normal, g.PlanePositionSequence[0].ImagePositionPatient)) for g in groups]
+    order = np.argsort(distances, kind="stable")
+    if np.array_equal(order, np.arange(len(groups))):
+        return
+    frames = np.frombuffer(pm.FloatPixelData, dtype="<f4").reshape(len(groups), -1)
+    pm.FloatPixelData = np.ascontiguousarray(frames[order]).tobytes()
+    pm.PerFrameFunctionalGroupsSequence = [groups[i] for i in order]
 
 
 def read_pm_map(dataset: Dataset, affine_lps: NDArray[Any], shape: Sequence[int]) -> NDArray[np.float32]:
