@@ -171,6 +171,9 @@ class Job(BaseModel):
     t2_parameters: dict[str, float] = Field(
         default_factory=dict, description="qDESS parameters the header may lack (routing rule t2_parameters)"
     )
+    t2_skip_first_echo: bool = Field(
+        False, description="MESE: fit T2 without echo 1 (routing rule option t2_skip_first_echo)"
+    )
     files: list[str] = Field(default_factory=list)
     input_via: Literal["", "local", "object-store"] = Field(
         "", description="how the worker got the input: on its own disk, or fetched from the object store"

@@ -133,6 +133,8 @@ class Rule(BaseModel, frozen=True, extra="forbid"):
     archive: OptionalNames | None = None
     priority: Literal["urgent", "default"] = "default"
     t2: StrictBool = True  # compute T2 when the series is multi-echo (qDESS, MESE)
+    # MESE: leave echo 1 out of the fit (its stimulated-echo contribution biases T2 upward on some scanners)
+    t2_skip_first_echo: StrictBool = False
     # qDESS parameters where the header lacks them (anonymised): used only for what the header does not give
     t2_parameters: dict[
         Literal["repetition_time_ms", "echo_time_ms", "flip_angle_deg", "gl_area", "tg_us"], float

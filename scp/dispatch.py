@@ -243,6 +243,7 @@ class Dispatcher:
                         destinations=list(rule.destinations),
                         t2=rule.t2,
                         t2_parameters=dict(rule.t2_parameters),
+                        t2_skip_first_echo=rule.t2_skip_first_echo,
                         archive=archive,
                         input_path=input_path,
                         idempotency_key=idempotency_key(header.series_uid, sop_uids, model),

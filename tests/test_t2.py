@@ -372,6 +372,29 @@ def test_default_rules_send_qdess_and_mese_to_t2_and_a_rule_can_turn_it_off() ->
         RoutingRules.from_dict(
             {"rules": [{"name": "bad", "model": "m", "t2_parameters": {"spoiler": 1}}]}, "m"
         )
+    # MESE's first echo left out of the fit, by rule; off by default.
+    skip = RoutingRules.from_dict({"rules": [{"name": "s", "model": "m", "t2_skip_first_echo": True}]}, "m")
+    assert (
+        skip.route(mese_info).rule.t2_skip_first_echo and not shipped.route(mese_info).rule.t2_skip_first_echo
+    )
+    job = Job(source="scp", model="m", input_path="incoming/a/b", t2_skip_first_echo=True)
+    assert Job.model_validate_json(job.model_dump_json()).t2_skip_first_echo is True
+
+
+def test_mese_fit_without_the_first_echo(tmp_path: Path) -> None:
+    phantom, dicom_dir = _written(tmp_path, "mese")
+    volume = load_input(dicom_dir)
+    assert isinstance(volume, MultiEchoVolume)
+    fits = {}
+    for skip in (False, True):
+        measurements: dict = {"tissues": {}}
+        run_t2(volume, phantom.base.labels, measurements, "m", "1", tmp_path / str(skip), skip_first_echo=skip,
+               dicom_outputs=False)  # fmt: skip
+        assert measurements["method"]["t2"]["first_echo_skipped"] is skip
+        fits[skip] = measurements["tissues"]["femoral_cartilage"]["t2_ms"]["mean"]
+    truth = phantom.t2_truth_ms["femoral_cartilage"]
+    assert abs(fits[True] - truth) < 0.05 * truth  # the phantom has no stimulated echo: both unbiased
+    assert fits[True] != fits[False]  # six echoes fitted, not seven
 
 
 def test_job_page_shows_the_t2_warning_and_the_overlay(web: Web, store: JobStore) -> None:  # noqa: F811

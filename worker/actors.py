@@ -103,6 +103,7 @@ def segment_job(job_id: str) -> None:
         dicom_outputs=bool(volume.sources),
         t2=job.t2,
         t2_parameters=job.t2_parameters,
+        t2_skip_first_echo=job.t2_skip_first_echo,
         priors=PriorLookup.for_job(jobs.redis, settings(), job_id),
     )
     transfer().publish_outputs(jobs, job, job_output_dir(job))

@@ -91,6 +91,7 @@ def segment_volume(
     labelmap_seg: bool = False,
     t2: bool = True,
     t2_parameters: dict[str, float] | None = None,
+    t2_skip_first_echo: bool = False,
     priors: PriorLookup | None = None,
 ) -> Outputs:
     """Run preprocess → infer → postprocess → write → analyse on a loaded volume, writing into ``out_dir``.
@@ -168,6 +169,7 @@ def segment_volume(
             out_dir,
             region_labels=analysis.region_map,  # T2 per subregion too, where the analysis made them
             overrides=t2_parameters,  # the routing rule's, for what the header lacks
+            skip_first_echo=t2_skip_first_echo,
             dicom_outputs=dicom_outputs,
         )
         outputs.files.extend(t2_out.files)

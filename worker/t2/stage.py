@@ -64,12 +64,13 @@ def run_t2(
     *,
     region_labels: NDArray[np.integer] | None = None,
     overrides: Mapping[str, float] | None = None,
+    skip_first_echo: bool = False,
     dicom_outputs: bool = True,
 ) -> T2Outputs:
     """Compute T2 for *volume*, merge its statistics into *measurements* (in place), write the PM + overlay."""
     out = T2Outputs()
     try:
-        t2 = compute_t2(volume, labels, overrides=overrides)
+        t2 = compute_t2(volume, labels, overrides=overrides, skip_first_echo=skip_first_echo)
     except ParametersMissing as exc:
         out.warning = T2Warning(
             ErrorCode.T2_PARAMETERS_MISSING,
