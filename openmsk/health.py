@@ -1,8 +1,9 @@
 """The node's health: what ``GET /health`` reports, computed from live checks, never from assumptions.
 
 ``healthy`` needs Redis, at least one worker with a fresh heartbeat, Orthanc (when one is configured), enough
-free disk, at least one usable model and the object store (when one is configured). Redis down makes the node
-``unhealthy``; anything else missing makes it ``degraded``. Only ``healthy`` answers HTTP 200.
+free disk, at least one usable model and the object store (when one is configured). Anything missing makes it
+``degraded``, Redis too: the SCP keeps accepting studies while Redis is down (their jobs wait in its outbox on
+disk, queued once Redis is back), so the node is degraded, not down. Only ``healthy`` answers HTTP 200.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def _gpu_status(workers: list[dict[str, Any]]) -> str:
 def check_health(
     settings: Settings, client: redis.Redis, objects: ObjectStore | None = None
 ) -> dict[str, Any]:
-    """Run every check once and return the report (``status`` is healthy, degraded or unhealthy)."""
+    """Run every check once and return the report (``status`` is healthy or degraded)."""
     redis_state = _redis_status(client)
     workers = live_workers(client, settings.worker_stale_s) if redis_state == AVAILABLE else []
     worker_state = (
@@ -79,10 +80,9 @@ def check_health(
     except RegistryError as exc:
         models = [{"name": None, "status": f"registry unusable: {exc}"}]
 
-    if redis_state != AVAILABLE:
-        status = "unhealthy"
-    elif (
-        worker_state != AVAILABLE
+    if (
+        redis_state != AVAILABLE
+        or worker_state != AVAILABLE
         or orthanc_state not in (AVAILABLE, "not configured")
         or storage_state not in (AVAILABLE, "local")
         or not disk_ok

@@ -51,7 +51,7 @@ def test_worker_heartbeat_goes_stale_when_worker_is_killed(
             proc.wait(timeout=10)
 
 
-def test_unhealthy_when_redis_is_gone(settings: Settings, tmp_path: Path) -> None:
+def test_degraded_when_redis_is_gone(settings: Settings, tmp_path: Path) -> None:
     from openmsk.managed.process import free_port
 
     env = settings_env(settings, OPENMSK_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
@@ -59,7 +59,7 @@ def test_unhealthy_when_redis_is_gone(settings: Settings, tmp_path: Path) -> Non
     try:
         wait_for(lambda: health(settings.web_port)[0] == 503, 30, "web answering")
         _, report = health(settings.web_port)
-        assert report["status"] == "unhealthy" and report["redis"].startswith("unavailable")
+        assert report["status"] == "degraded" and report["redis"].startswith("unavailable")
         assert report["orthanc"] == "not configured"
     finally:
         web.terminate()
