@@ -310,6 +310,7 @@ archive = []
 """
 IN_FLIGHT = (JobState.RECEIVED, JobState.QUEUED, JobState.RUNNING, JobState.DELIVERING)
 ROLES = ("scp", "web", "worker")
+WORKER_OWN = "worker process MB"  # sampled, not printed as a column: the worker tree's RSS less its children
 
 
 def slope_per_minute(samples: list[tuple[float, float]]) -> float:
@@ -322,12 +323,12 @@ def slope_per_minute(samples: list[tuple[float, float]]) -> float:
     return 60 * sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
 
 
-def process_figures(pid: int) -> tuple[float, int]:
-    """RSS in MB and open file descriptors of a process and every process below it (from /proc).
+def process_figures(pid: int, tree: bool = True) -> tuple[float, int]:
+    """RSS in MB and open file descriptors of a process and (``tree``) every process below it (from /proc).
 
     The tree, not the pid alone: the worker's analysis runs in a child process it spawns once and reuses."""
     rss, fds = 0.0, 0
-    for member in (pid, *descendants(pid)):
+    for member in (pid, *(descendants(pid) if tree else ())):
         try:
             for line in Path(f"/proc/{member}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -489,7 +490,7 @@ def soak(work: Path, redis_url: str, args: argparse.Namespace) -> int:
     jobs = JobStore.from_url(redis_url)
     client = redis.Redis.from_url(redis_url)
     load = SoakLoad(node, work, args.load_every).start()
-    samples: dict[str, list[tuple[float, float]]] = {c: [] for c in SOAK_COLUMNS}
+    samples: dict[str, list[tuple[float, float]]] = {c: [] for c in (*SOAK_COLUMNS, WORKER_OWN)}
     widths = [max(7, len(c)) for c in SOAK_COLUMNS]
     print(
         f"soak: {args.minutes:g} min; a {SOAK_MODEL} series by storescu and an upload each every "
@@ -511,6 +512,7 @@ def soak(work: Path, redis_url: str, args: argparse.Namespace) -> int:
             ]  # fmt: skip
             for column, value in zip(SOAK_COLUMNS, row, strict=True):
                 samples[column].append((now, value))
+            samples[WORKER_OWN].append((now, process_figures(node.procs["worker"].pid, tree=False)[0]))
             cells = [f"{v:{w}.1f}" if c.endswith("MB") else f"{v:{w}d}" for c, v, w in zip(
                 SOAK_COLUMNS, row, widths, strict=True)]  # fmt: skip
             print(f"{now:6.0f} " + " ".join(cells), flush=True)
@@ -555,7 +557,7 @@ def soak_verdict(
     drain_s: float,
 ) -> int:
     warm = [t for t, _ in samples["queue"] if t >= args.warm_up_s]
-    steady = {c: [s for s in samples[c] if s[0] >= args.warm_up_s] for c in SOAK_COLUMNS}
+    steady = {c: [s for s in samples[c] if s[0] >= args.warm_up_s] for c in samples}
     if len(warm) < 3:
         print(f"\nfewer than 3 samples after the {args.warm_up_s:g} s warm-up: no trend (soak longer)")
         steady = samples
@@ -570,6 +572,12 @@ def soak_verdict(
             f"  {role:6s} {'GROWTH' if growth else 'no growth'}: RSS {rss:+.2f} MB/min "
             f"(limit {args.max_rss_slope:g}; floor {rss_floor:+.1f} MB), open fds {fds:+.2f}/min "
             f"(limit {args.max_fd_slope:g}; floor {fds_floor:+.0f})"
+        )
+    own = steady[WORKER_OWN]
+    if own:
+        print(
+            f"         the worker process alone (its analysis process left out): {own[0][1]:.1f} -> "
+            f"{own[-1][1]:.1f} MB, {slope_per_minute(own):+.2f} MB/min, floor {floor_rise(own):+.1f} MB"
         )
     depth = slope_per_minute(steady["queue"])
     print(f"  queue  {'GROWING: the load outruns the worker' if depth >= 1 else 'steady'}: {depth:+.2f}/min")
