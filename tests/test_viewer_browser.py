@@ -163,6 +163,16 @@ def dismiss_overlays(page: Page) -> None:
             expect(control).to_have_count(0, timeout=5_000)
 
 
+def open_study_signed_in(page: Page, viewer_url: str, study_uid: str) -> None:
+    """Open the viewer link the job page prints: the node's sign-in comes first, then the study."""
+    page.goto(f"{viewer_url}/viewer?StudyInstanceUIDs={study_uid}")
+    expect(page).to_have_url(re.compile(r"/openmsk/login\?next="))
+    page.fill('input[name="user"]', USER)
+    page.fill('input[name="password"]', PASSWORD)
+    page.click("button:has-text('Sign in')")
+    page.wait_for_url(re.compile(r"/viewer\?StudyInstanceUIDs="))
+
+
 def away_from_the_panels(page: Page) -> None:
     """Move the mouse off the segment list: a row under the pointer opens a card (with the segment's colour)
     over the viewport."""
@@ -232,12 +242,7 @@ def test_viewer_shows_the_study_and_the_nodes_seg(viewer: Viewer, study: Study) 
             )
 
             # The link the job page and `openmsk orthanc jobs` print; the viewer asks for the node's sign-in.
-            page.goto(f"{viewer.url}/viewer?StudyInstanceUIDs={study.study_uid}")
-            expect(page).to_have_url(re.compile(r"/openmsk/login\?next="))
-            page.fill('input[name="user"]', USER)
-            page.fill('input[name="password"]', PASSWORD)
-            page.click("button:has-text('Sign in')")
-            page.wait_for_url(re.compile(r"/viewer\?StudyInstanceUIDs="))
+            open_study_signed_in(page, viewer.url, study.study_uid)
 
             # The MR image: a canvas in the viewport and the slice overlay (image n of all slices).
             pane = page.locator('[data-cy="viewport-pane"]').first

@@ -42,12 +42,11 @@ from tests.test_viewer_browser import (
     away_from_the_panels,
     dismiss_overlays,
     middle,
+    open_study_signed_in,
     pane_image,
     wait_for_image,
 )
 from tests.test_viewer_proxy import (
-    PASSWORD,
-    USER,
     Viewer,
     assert_dist_installed,
     start_viewer,
@@ -125,12 +124,7 @@ def test_viewer_draws_the_t2_map_over_its_base_series(
                 "response",
                 lambda r: problems.append(f"HTTP {r.status} {r.url}") if r.status >= 400 else None,
             )
-            page.goto(f"{viewer.url}/viewer?StudyInstanceUIDs={study_uid}")
-            expect(page).to_have_url(re.compile(r"/openmsk/login\?next="))
-            page.fill('input[name="user"]', USER)
-            page.fill('input[name="password"]', PASSWORD)
-            page.click("button:has-text('Sign in')")
-            page.wait_for_url(re.compile(r"/viewer\?StudyInstanceUIDs="))
+            open_study_signed_in(page, viewer.url, study_uid)
 
             pane = page.locator('[data-cy="viewport-pane"]').first
             overlay = page.locator('[data-cy="viewport-overlay-bottom-right"]').first
