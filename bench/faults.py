@@ -571,7 +571,8 @@ def soak_verdict(
         print(
             f"  {role:6s} {'GROWTH' if growth else 'no growth'}: RSS {rss:+.2f} MB/min "
             f"(limit {args.max_rss_slope:g}; floor {rss_floor:+.1f} MB), open fds {fds:+.2f}/min "
-            f"(limit {args.max_fd_slope:g}; floor {fds_floor:+.0f})"
+            f"(limit {args.max_fd_slope:g}; floor {fds_floor:+.0f}); RSS over the last half "
+            f"{slope_per_minute(steady[f'{role} MB'][len(steady[f'{role} MB']) // 2 :]):+.2f} MB/min"
         )
     own = steady[WORKER_OWN]
     if own:
