@@ -181,7 +181,10 @@ class Settings(BaseSettings):
         4096, gt=0, description="megabytes (> 0) an uploaded zip may expand to (zip-bomb cap)"
     )
     retention_hours: float = Field(
-        72, gt=0, description="hours (> 0) uploads and job outputs are kept after their job ends"
+        72,
+        gt=0,
+        description="hours (> 0) uploads and job outputs are kept after their job ends; received series after "
+        "their last instance and jobs",
     )
     upload_rate_limit: int = Field(
         10, gt=0, description="uploads (> 0) one client may start per minute; more get HTTP 429"

@@ -19,6 +19,9 @@ LOG = logging.getLogger("openmsk.spool")
 
 Record = TypeVar("Record", bound=BaseModel)
 
+#: The SCP's job outbox under DATA_DIR (jobs waiting for Redis); retention reads it to keep their inputs.
+JOB_SPOOL = "spool"
+
 
 class RecordFolder(Generic[Record]):
     """Records of one pydantic model (with a ``created_at``) under ``root``, named ``<name>.json``."""

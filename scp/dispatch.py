@@ -48,14 +48,14 @@ from openmsk.atomic import write_atomic
 from openmsk.forwarding import ForwardOrder, instances_digest
 from openmsk.jobs import Job, JobNotFound, JobState, JobStore, latest_key
 from openmsk.objectstore import LocalStore, ObjectStore, StorageError
-from openmsk.spool import RecordFolder
+from openmsk.spool import JOB_SPOOL, RecordFolder
 from scp.completion import PendingSeries
 from scp.routing import Decision, RoutingRules, SeriesInfo
 from scp.storage import SUFFIX, InstanceStore
 
 LOG = logging.getLogger("openmsk.scp")
 
-SPOOL = "spool"
+SPOOL = JOB_SPOOL
 LEDGER = "scp/series"
 IDEMPOTENCY_PREFIX = "openmsk:idem:"
 SENT_PREFIX = "openmsk:scp:sent:"

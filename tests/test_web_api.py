@@ -842,6 +842,53 @@ def test_retention_removes_expired_files_and_keeps_records(
     assert (data / "uploads" / running.id).exists() and (data / "jobs" / running.id).exists()
 
 
+def test_retention_removes_received_series_nothing_needs(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    from openmsk.forwarding import ForwardOrder, ForwardOutbox
+    from openmsk.jobs import LATEST_PREFIX
+
+    store = JobStore(redis_client)
+    data = settings.data_path
+    long_ago = time.time() - 80 * 3600
+    folders = {}
+    for name in ("expired", "recent-job", "forwarding", "no-job", "arriving"):
+        series = data / "incoming" / "1.2.3" / f"1.2.3.{len(folders) + 1}"
+        series.mkdir(parents=True)
+        (series / "1.dcm").write_bytes(b"instance")
+        if name != "arriving":
+            os.utime(series / "1.dcm", (long_ago, long_ago))
+            os.utime(series, (long_ago, long_ago))
+        folders[name] = series
+    for name, finished in (("expired", time.time() - 73 * 3600), ("recent-job", time.time() - 3600)):
+        series = folders[name]
+        job = Job(source="scp", model="demo", series_uid=series.name, created_at=long_ago,
+                  input_path=f"incoming/1.2.3/{series.name}")  # fmt: skip
+        store.create(job)
+        store.transition(job.id, JobState.QUEUED)
+        store.transition(job.id, JobState.RUNNING)
+        store.transition(job.id, JobState.FAILED)
+        store.update(job.id, lambda j, t=finished: j.state_times.__setitem__("failed", t))
+        redis_client.hset(f"{LATEST_PREFIX}{series.name}:demo", mapping={"job": job.id})
+    forwarding = folders["forwarding"]
+    ForwardOutbox(data).put(
+        ForwardOrder(
+            study_uid="1.2.3",
+            series_uid=forwarding.name,
+            files={"1": "1.dcm"},
+            folder=f"incoming/1.2.3/{forwarding.name}",
+            destinations=["orthanc"],
+        )
+    )
+
+    report = cleanup(settings, store)
+    assert report.series == 2
+    gone = {name for name, folder in folders.items() if not folder.exists()}
+    assert gone == {"expired", "no-job"}  # the others: a job within retention, the archive, new images
+    assert not (data / "expired").exists() or not any((data / "expired").iterdir())
+    assert (folders["arriving"] / "1.dcm").read_bytes() == b"instance"
+
+
 def test_api_token_is_generated_once_and_configured_tokens_win(settings: Settings) -> None:
     token, generated = ensure_api_token(settings)
     path = settings.data_path / "secrets" / "api_token"

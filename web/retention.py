@@ -9,25 +9,40 @@ a destination.
 
 Upload folders that never became a job (a crash mid-upload) are removed once they are older than the
 retention period too.
+
+So are the images the SCP received (``DATA_DIR/incoming/<study>/<series>/``, and their copies in the object
+store): a series folder goes once nothing arrived in it for the retention period, every job of the series has
+expired (the newest job per model, ``openmsk:series-latest:``), and neither the forward outbox (images still
+on their way to the archive) nor the SCP's job outbox (a job waiting for Redis) names it. Series no rule took
+(no job) go the same way. The folder is first renamed out of ``incoming/`` (atomic), so an instance the SCP
+stores into it at that moment is put back, never deleted after its C-STORE was answered.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 import threading
 import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import redis
 
 from openmsk.config import Settings
-from openmsk.jobs import INDEX_STATE, KEY_PREFIX, Job, JobNotFound, JobState, JobStore
+from openmsk.forwarding import ForwardOutbox
+from openmsk.jobs import INDEX_STATE, KEY_PREFIX, LATEST_PREFIX, Job, JobNotFound, JobState, JobStore
 from openmsk.objectstore import ObjectStore, StorageError, store_for
+from openmsk.spool import JOB_SPOOL, RecordFolder
 
 log = logging.getLogger("openmsk.web.retention")
 
 LOCK_KEY = "openmsk:retention:lock"
+INCOMING = "incoming"
+EXPIRED = "expired"  # DATA_DIR/expired/: series folders being removed (same file system as incoming/)
 MIN_INTERVAL_S = 60.0
 MAX_INTERVAL_S = 3600.0
 _FINISHED = (JobState.DONE, JobState.FAILED)
@@ -49,6 +64,7 @@ def expires_at(job: Job, settings: Settings) -> float | None:
 class CleanupReport:
     jobs: int = 0
     orphans: int = 0
+    series: int = 0  # received series removed from incoming/
 
 
 def _remove_job_files(settings: Settings, job_id: str, objects: ObjectStore | None = None) -> bool:
@@ -98,11 +114,88 @@ def cleanup(
                 continue
             shutil.rmtree(folder, ignore_errors=True)
             report.orphans += 1
-    if report.jobs or report.orphans:
+    report.series = _remove_expired_series(settings, store, now, cutoff, objects)
+    if report.jobs or report.orphans or report.series:
         log.info(
-            "retention: removed the files of %d job(s) and %d orphaned upload(s)", report.jobs, report.orphans
+            "retention: removed the files of %d job(s), %d orphaned upload(s) and %d received series",
+            report.jobs,
+            report.orphans,
+            report.series,
         )
     return report
+
+
+def _series_held(data: Path) -> set[str]:
+    """Series folders (relative to DATA_DIR) an outbox still needs: forwarding to the archive, or queueing."""
+    held = {order.folder for order in ForwardOutbox(data).orders()}
+    if (data / JOB_SPOOL).is_dir():
+        held |= {job.input_path for job in RecordFolder(data / JOB_SPOOL, Job).read_all()}
+    return {rel.rstrip("/") for rel in held}
+
+
+def _jobs_still_need(store: JobStore, settings: Settings, series_uid: str, now: float) -> bool:
+    """Whether the newest job of any model for the series still runs or has not expired."""
+    for key in store.redis.scan_iter(match=f"{LATEST_PREFIX}{series_uid}:*", count=100):
+        latest = store.redis.hget(key, "job")
+        if latest is None:
+            continue
+        try:
+            job = store.get(latest.decode())
+        except JobNotFound:
+            continue
+        expiry = expires_at(job, settings)
+        if expiry is None or expiry > now:
+            return True
+    return False
+
+
+def _remove_expired_series(
+    settings: Settings, store: JobStore, now: float, cutoff: float, objects: ObjectStore | None
+) -> int:
+    data = settings.data_path
+    incoming = data / INCOMING
+    if not incoming.is_dir():
+        return 0
+    held: set[str] | None = None  # read once, and only when some folder is old enough
+    removed = 0
+    for study in incoming.iterdir():
+        if study.name.startswith(".") or not study.is_dir():
+            continue  # .partial/: the SCP's files being written
+        for series in study.iterdir():
+            # A file renamed into the folder updates its mtime: an old folder received nothing since.
+            if not series.is_dir() or series.stat().st_mtime > cutoff:
+                continue
+            rel = f"{INCOMING}/{study.name}/{series.name}"
+            held = _series_held(data) if held is None else held
+            if rel in held or _jobs_still_need(store, settings, series.name, now):
+                continue
+            if _remove_series(data, series, cutoff):
+                removed += 1
+                if objects is not None and not objects.shared_disk:
+                    try:
+                        objects.delete_prefix(rel)
+                    except StorageError as exc:
+                        log.warning("retention: %s not removed from the object store: %s", rel, exc)
+        if study.stat().st_mtime <= cutoff:  # empty and untouched for the period (the SCP may be making one)
+            with contextlib.suppress(OSError):
+                study.rmdir()  # only when empty
+    return removed
+
+
+def _remove_series(data: Path, series: Path, cutoff: float) -> bool:
+    """Move *series* out of incoming/ and delete it; an instance stored meanwhile goes back, never lost."""
+    trash = data / EXPIRED / uuid.uuid4().hex
+    trash.parent.mkdir(exist_ok=True)
+    try:
+        os.rename(series, trash)
+    except OSError:
+        return False
+    for path in trash.iterdir():
+        if path.stat().st_mtime > cutoff:  # stored between the check and the rename: it stays
+            series.mkdir(parents=True, exist_ok=True)
+            os.rename(path, series / path.name)
+    shutil.rmtree(trash, ignore_errors=True)
+    return True
 
 
 class RetentionThread(threading.Thread):
