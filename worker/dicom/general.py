@@ -26,6 +26,7 @@ __all__ = [
     "knee_laterality",
     "person_name",
     "save_dataset",
+    "series_number",
 ]
 
 MANUFACTURER = "OpenMSK"
@@ -56,6 +57,12 @@ def fit_text(value: str, limit: int) -> str:
     Plain truncation: an ellipsis character would not encode in the source's character set (often Latin-1).
     """
     return value.replace("\\", "/")[:limit]
+
+
+def series_number(source: Dataset, offset: int) -> int:
+    """The output's SeriesNumber: the source series' number + the kind's *offset*, so a PACS lists them together
+    (a source without one counts as 0)."""
+    return offset + int(source.get("SeriesNumber", 0) or 0)
 
 
 def save_dataset(dataset: Dataset, out_path: str | Path) -> Path:

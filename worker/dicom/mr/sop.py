@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
 from openmsk import __version__
-from worker.dicom.general import MANUFACTURER, MANUFACTURER_MODEL_NAME, fit_text, save_dataset
+from worker.dicom.general import MANUFACTURER, MANUFACTURER_MODEL_NAME, fit_text, save_dataset, series_number
 from worker.dicom.mr.content import (
     IMAGE_TYPE,
     MR_SERIES_NUMBER_OFFSET,
@@ -129,7 +129,7 @@ def write_derived_mr(
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.SOPInstanceUID = sop_uid
         ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber = MR_SERIES_NUMBER_OFFSET + int(source0.get("SeriesNumber", 0) or 0)
+        ds.SeriesNumber = series_number(source0, MR_SERIES_NUMBER_OFFSET)
         ds.SeriesDescription = fit_text(series_description(volume.kind), 64)
         ds.InstanceNumber = k + 1
         ds.ImageType = IMAGE_TYPE

@@ -28,6 +28,7 @@ from worker.dicom.general import (
     knee_laterality,
     person_name,
     save_dataset,
+    series_number,
 )
 from worker.dicom.pm.content import (
     CONTENT_LABEL,
@@ -117,7 +118,7 @@ def write_pm(
         source_images=sources,
         pixel_array=pixels,
         series_instance_uid=series_uid,
-        series_number=PM_SERIES_NUMBER_OFFSET + int(source0.get("SeriesNumber", 0) or 0),
+        series_number=series_number(source0, PM_SERIES_NUMBER_OFFSET),
         sop_instance_uid=sop_uid,
         instance_number=1,
         manufacturer=MANUFACTURER,

@@ -23,6 +23,7 @@ from worker.dicom.general import (
     fit_text,
     knee_laterality,
     save_dataset,
+    series_number,
 )
 from worker.dicom.sc.content import SC_SERIES_NUMBER_OFFSET, image_comment, series_description
 from worker.uids import derive_uid
@@ -91,7 +92,7 @@ def write_thickness_sc(
             bits_allocated=8,
             coordinate_system=hd.CoordinateSystemNames.PATIENT,
             series_instance_uid=series_uid,
-            series_number=SC_SERIES_NUMBER_OFFSET + int(source0.get("SeriesNumber", 0) or 0),
+            series_number=series_number(source0, SC_SERIES_NUMBER_OFFSET),
             sop_instance_uid=sop_uid,
             instance_number=number,
             manufacturer=MANUFACTURER,

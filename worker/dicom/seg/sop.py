@@ -35,6 +35,7 @@ from worker.dicom.general import (
     knee_laterality,
     person_name,
     save_dataset,
+    series_number,
 )
 from worker.dicom.seg.content import (
     CONTENT_LABEL,
@@ -202,7 +203,7 @@ def write_seg(
         str(source0.SeriesInstanceUID), model_name, model_version, labelmap=labelmap, regions=regions
     )
     offset = REGION_SEG_SERIES_NUMBER_OFFSET if regions else SEG_SERIES_NUMBER_OFFSET
-    series_number = offset + int(source0.get("SeriesNumber", 0) or 0)
+    number = series_number(source0, offset)
     what = "knee cartilage regions" if regions else "knee segmentation"
     seg = hd.seg.Segmentation(
         source_images=volume.sources,
@@ -212,7 +213,7 @@ def write_seg(
         ),
         segment_descriptions=descriptions,
         series_instance_uid=series_uid,
-        series_number=series_number,
+        series_number=number,
         sop_instance_uid=sop_uid,
         instance_number=1,
         manufacturer=MANUFACTURER,

@@ -38,6 +38,7 @@ from worker.dicom.general import (
     fit_text,
     knee_laterality,
     save_dataset,
+    series_number,
 )
 from worker.dicom.seg.content import REGION_KINDS, TISSUE_KINDS
 from worker.dicom.seg.content import segment_numbers as seg_segment_numbers
@@ -261,7 +262,7 @@ def write_sr(
         evidence=evidence,
         content=report,
         series_instance_uid=series_uid,
-        series_number=SR_SERIES_NUMBER_OFFSET + int(source0.get("SeriesNumber", 0) or 0),
+        series_number=series_number(source0, SR_SERIES_NUMBER_OFFSET),
         sop_instance_uid=sop_uid,
         instance_number=1,
         manufacturer=MANUFACTURER,
