@@ -129,7 +129,7 @@ class Rule(BaseModel, frozen=True, extra="forbid"):
     name: str
     models: tuple[str, ...] = ()
     ignore: StrictBool = False
-    destinations: Names = ()
+    destinations: OptionalNames = ()  # [] is none, as leaving it out
     archive: OptionalNames | None = None
     priority: Literal["urgent", "default"] = "default"
     t2: StrictBool = True  # compute T2 when the series is multi-echo (qDESS, MESE)

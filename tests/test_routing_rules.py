@@ -147,6 +147,8 @@ def test_rules_are_typed_and_normalised() -> None:
     assert isinstance(rule.series_description, re.Pattern) and rule.priority == "urgent"
     with pytest.raises(Exception, match="frozen"):
         rule.name = "other"  # type: ignore[misc]
+    # no destinations: left out or an empty list, alike (as archive = [])
+    assert rules_of({"name": "n", "model": "default", "destinations": []}).rules[0].destinations == ()
     unnamed = rules_of({"ignore": True}, {"ignore": True})
     assert [r.name for r in unnamed.rules] == ["rule-1", "rule-2"]
 
@@ -160,7 +162,7 @@ def test_rules_are_typed_and_normalised() -> None:
         ("min_instances = true", "'min_instances' must be a whole number >= 0"),
         ("body_part = []", "'body_part' must be a non-empty string or list of strings"),
         ("archive = [1]", "'archive' must be a string or list of strings"),
-        ('destinations = [""]', "'destinations' must be a non-empty string or list of strings"),
+        ('destinations = [""]', "'destinations' must be a string or list of strings"),
         ('series_description = "("', "'series_description' is not a valid regular expression"),
         ("series_description = 3", "'series_description' must be a regular expression string"),
         ('bodypart = "KNEE"', "unknown key(s) ['bodypart']"),
