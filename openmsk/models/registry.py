@@ -55,7 +55,7 @@ KINDS = ("nnunet", "nnunet_cascade", "slicewise2d")
 NNUNET_KINDS = ("nnunet", "nnunet_cascade")
 CASCADE_CONFIGURATIONS = ("3d_lowres", "3d_cascade_fullres")
 # Named steps a model's output may go through after its label map (see worker.models.segmenter).
-POSTPROCESS_STEPS = ("remove_bone_islands", "split_medial_lateral")
+POSTPROCESS_STEPS = ("remove_bone_islands", "split_medial_lateral", "refine_cartilage")
 # Canonical tissue names -> label values, from OpenMSK's one tissue table (openmsk.labels).
 CANONICAL_IDS: dict[str, int] = {t.name: t.label for t in TISSUES.values()}
 # Tissues a model may output without saying which compartment (DOSMA's convention); the split_medial_lateral
