@@ -30,6 +30,7 @@ from numpy.typing import NDArray
 from openmsk.labels import BONES, BY_NAME
 from openmsk.models.registry import POSTPROCESS_STEPS, ModelEntry, RegistryError
 from worker.device import DeviceError, resolve_device
+from worker.models.refine import refine_cartilage
 
 Progress = Callable[[float], None]
 
@@ -235,16 +236,6 @@ def bone_islands_removed(labels: NDArray[np.uint8]) -> NDArray[np.uint8]:
     return labels
 
 
-def refine_cartilage(
-    labels: NDArray[np.uint8], image: NDArray[Any], spacing: tuple[float, float, float]
-) -> NDArray[np.uint8]:
-    """Cartilage boundaries moved to the image's intensity edges in a narrow band, in place
-    (:func:`worker.models.refine.refine_cartilage`)."""
-    from worker.models.refine import refine_cartilage as refine
-
-    return refine(labels, image, spacing)
-
-
 # Registry step name -> in-place function on canonical labels (names are validated by the registry).
 POSTPROCESS: dict[str, Callable[[NDArray[np.uint8]], NDArray[np.uint8]]] = {
     "remove_bone_islands": bone_islands_removed,
@@ -293,9 +284,6 @@ class Segmenter(ABC):
         self._lut = np.zeros(256, dtype=np.uint8)
         for model_label, canonical in entry.canonical_map.items():
             self._lut[model_label] = canonical
-        # the last volume :meth:`predict` saw (a reference, no copy): the image-aware steps read it when
-        # :meth:`canonical_labels` is not handed the image (one job at a time per instance)
-        self._last_input: tuple[NDArray[Any], tuple[float, float, float]] | None = None
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -333,7 +321,6 @@ class Segmenter(ABC):
             raise SegmenterError(f"spacing must be three positive numbers, got {spacing!r}")
         report = progress or (lambda _fraction: None)
         report(0.0)
-        self._last_input = (image, (float(spacing[0]), float(spacing[1]), float(spacing[2])))
         labels = self._segment(np.asarray(image, dtype=np.float32), tuple(float(s) for s in spacing), report)
         if labels.shape != image.shape:
             raise SegmenterError(f"model returned shape {labels.shape} for input {image.shape}")
@@ -350,9 +337,8 @@ class Segmenter(ABC):
         """The model's own label ids -> canonical labels: the registry's label map, then its post-processing
         steps (also for output of the same model produced elsewhere, e.g. by ``nnUNetv2_predict``).
 
-        Image-aware steps (:data:`IMAGE_POSTPROCESS`) read the canonical *image* and *spacing*; when they are
-        not given, those of the last :meth:`predict` call (when its shape matches). *steps* overrides the
-        registry's list (benchmarks compare with and without a step).
+        Image-aware steps (:data:`IMAGE_POSTPROCESS`) read the canonical *image* and *spacing*, which must then
+        be given. *steps* overrides the registry's list (benchmarks compare with and without a step).
         """
         ids = np.asarray(model_labels)
         if ids.dtype != np.uint8:  # ids beyond 0..255 are no label of the map; uint8 indexes the LUT cheaply
@@ -360,8 +346,6 @@ class Segmenter(ABC):
         out = self._lut[ids]  # in the model's memory layout (nnU-Net's is the transpose): the steps take any
         for step in self.entry.postprocess if steps is None else steps:
             if step in IMAGE_POSTPROCESS:
-                if image is None and self._last_input is not None and self._last_input[0].shape == out.shape:
-                    image, spacing = self._last_input
                 if image is None or spacing is None or image.shape != out.shape:
                     raise SegmenterError(
                         f"model {self.entry.name!r}: postprocess step {step!r} needs the canonical image "
