@@ -133,17 +133,24 @@ def _series_held(data: Path) -> set[str]:
     return {rel.rstrip("/") for rel in held}
 
 
-def _jobs_still_need(store: JobStore, settings: Settings, series_uid: str, now: float) -> bool:
-    """Whether the newest job of any model for the series still runs or has not expired."""
-    for key in store.redis.scan_iter(match=f"{LATEST_PREFIX}{series_uid}:*", count=100):
-        latest = store.redis.hget(key, "job")
-        if latest is None:
-            continue
+def _newest_jobs(store: JobStore) -> dict[str, list[str]]:
+    """Series UID -> the newest job of each model for it (one SCAN of the ``series-latest`` hashes)."""
+    newest: dict[str, list[str]] = {}
+    for raw in store.redis.scan_iter(match=f"{LATEST_PREFIX}*", count=500):
+        series_uid = raw.decode()[len(LATEST_PREFIX) :].split(":", 1)[0]  # a UID has no colon
+        job_id = store.redis.hget(raw, "job")
+        if job_id is not None:
+            newest.setdefault(series_uid, []).append(job_id.decode())
+    return newest
+
+
+def _jobs_still_need(store: JobStore, settings: Settings, job_ids: list[str], now: float) -> bool:
+    """Whether any of these jobs still runs or has not expired."""
+    for job_id in job_ids:
         try:
-            job = store.get(latest.decode())
+            expiry = expires_at(store.get(job_id), settings)
         except JobNotFound:
             continue
-        expiry = expires_at(job, settings)
         if expiry is None or expiry > now:
             return True
     return False
@@ -157,6 +164,7 @@ def _remove_expired_series(
     if not incoming.is_dir():
         return 0
     held: set[str] | None = None  # read once, and only when some folder is old enough
+    newest: dict[str, list[str]] = {}
     removed = 0
     for study in incoming.iterdir():
         if study.name.startswith(".") or not study.is_dir():
@@ -166,8 +174,9 @@ def _remove_expired_series(
             if not series.is_dir() or series.stat().st_mtime > cutoff:
                 continue
             rel = f"{INCOMING}/{study.name}/{series.name}"
-            held = _series_held(data) if held is None else held
-            if rel in held or _jobs_still_need(store, settings, series.name, now):
+            if held is None:
+                held, newest = _series_held(data), _newest_jobs(store)
+            if rel in held or _jobs_still_need(store, settings, newest.get(series.name, []), now):
                 continue
             if _remove_series(data, series, cutoff):
                 removed += 1
