@@ -1,12 +1,12 @@
-"""The T2 map as a DICOM Parametric Map (float32 pixels, values in ms), in the source study.
+"""The T2 map as a DICOM Parametric Map (float32 pixels, in 100 ms units mapped to ms), in the source study.
 
-The map shares the source series' study and frame of reference, references its instances (echo 1 as the
-source images, the other echoes as further sources: the map is derived from all of them; where the node also
-wrote the derived one-echo series of :mod:`worker.dicom.mr`, that series comes first, so viewers draw the map
-over it) and carries a Real
-World Value Mapping in ms with the T2 quantity code (:mod:`worker.dicom.pm.content`). Series and SOP Instance
-UIDs are derived from (source SeriesInstanceUID, model name, model version, T2 model, "t2-pm"): a rerun
-replaces the map in the PACS instead of adding a second one.
+The map shares the source series' study and frame of reference and references the images it lies on: the
+derived one-echo series of :mod:`worker.dicom.mr` first (viewers draw the map over the first series), the
+echoes as further sources (the map is derived from all of them); without the derived series, echo 1 comes
+first. It carries a Real World Value Mapping to ms with the T2 quantity code (:mod:`worker.dicom.pm.content`
+says why the stored unit is 100 ms). Series and SOP Instance UIDs are derived from (source SeriesInstanceUID,
+model name, model version, T2 model, "t2-pm"): a rerun replaces the map in the PACS instead of adding a second
+one.
 """
 
 from __future__ import annotations
