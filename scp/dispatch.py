@@ -55,7 +55,6 @@ from scp.storage import SUFFIX, InstanceStore
 
 LOG = logging.getLogger("openmsk.scp")
 
-SPOOL = JOB_SPOOL
 LEDGER = "scp/series"
 IDEMPOTENCY_PREFIX = "openmsk:idem:"
 SENT_PREFIX = "openmsk:scp:sent:"
@@ -120,7 +119,7 @@ class Outbox:
     """Jobs waiting to be queued in Redis, one JSON file each under ``DATA_DIR/spool/``."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.records = RecordFolder(data_dir / SPOOL, Job)
+        self.records = RecordFolder(data_dir / JOB_SPOOL, Job)
         self.root = self.records.root
 
     def put(self, job: Job) -> None:
