@@ -17,7 +17,9 @@ narrow band only, to where the image's intensity crosses halfway between cartila
    brighter (fluid), when there are enough.
 3. **Decision.** A band voxel is cartilage when ``r`` lies between the midpoints of cartilage and its dark
    and bright neighbours: for two equal-variance classes that is where the likelihoods cross, and on a
-   blurred edge it is the sub-voxel boundary. The interior (cartilage beyond the band) is never touched.
+   blurred edge it is the sub-voxel boundary. A voxel the model left out is only added when it is not
+   brighter than cartilage (``r <= 1``): a sub-voxel fluid film between cartilage and dark fat blurs to
+   cartilage's level. The interior (cartilage beyond the band) is never touched.
 4. **Clean-up.** Cartilage pieces (26-connected) that contain none of the untouched interior are dropped, so
    bright specks beside the band do not become cartilage. A voxel that becomes cartilage takes the label of
    the nearest cartilage (face neighbours, repeated); one that stops being cartilage takes, when darker than
@@ -91,12 +93,11 @@ def _refine_box(
     lut: NDArray[np.bool_],
 ) -> NDArray[np.uint8] | None:
     cart = lut[lab]
-    face = ndi.generate_binary_structure(3, 1)
-    core = ndi.binary_erosion(cart, face, iterations=BAND_VOXELS)
-    grown = ndi.binary_dilation(cart, face, iterations=BAND_VOXELS)
+    interior = _eroded(cart, 1)
+    core = interior if BAND_VOXELS == 1 else _eroded(interior, BAND_VOXELS - 1)
+    grown = _dilated(cart, BAND_VOXELS)
     band = grown & ~core
-    shell = ndi.binary_dilation(grown, face, iterations=SHELL_VOXELS) & ~grown
-    interior = ndi.binary_erosion(cart, face, iterations=1)
+    shell = _dilated(grown, SHELL_VOXELS) & ~grown
     if int(interior.sum()) < MIN_VOXELS or int(shell.sum()) < MIN_VOXELS:
         return None
 
@@ -130,6 +131,10 @@ def _refine_box(
 
     r_band = ratio[band]
     keep = (r_band >= lo) & (r_band <= hi)
+    # Voxels the model left out are added only when not brighter than cartilage: a fluid film thinner than a
+    # voxel, between cartilage and darker fat, blurs to cartilage's level and would be absorbed (+15 % on a
+    # coronal trochlea; removals on the bright side, where the model took too much fluid, still happen).
+    keep &= cart[band] | (r_band <= 1.0)
     new_cart = core.copy()
     new_cart[band] = keep
     # drop pieces that hold none of the untouched interior
@@ -190,6 +195,39 @@ def _fill_from_neighbours(
         coords = tuple(c[~done] for c in coords)
 
 
+def _eroded(mask: NDArray[np.bool_], steps: int) -> NDArray[np.bool_]:
+    """Binary erosion by the 6-neighbourhood, *steps* times, outside the array counting as False (as
+    ``scipy.ndimage.binary_erosion`` with its defaults): by shifted slices, several times faster on a knee."""
+    for _ in range(steps):
+        out = mask.copy()
+        for axis in range(3):
+            lo = [slice(None)] * 3
+            hi = [slice(None)] * 3
+            lo[axis], hi[axis] = slice(0, -1), slice(1, None)
+            out[tuple(lo)] &= mask[tuple(hi)]
+            out[tuple(hi)] &= mask[tuple(lo)]
+            edge = [slice(None)] * 3
+            for end in (0, -1):
+                edge[axis] = end
+                out[tuple(edge)] = False
+        mask = out
+    return mask
+
+
+def _dilated(mask: NDArray[np.bool_], steps: int) -> NDArray[np.bool_]:
+    """Binary dilation by the 6-neighbourhood, *steps* times (as ``scipy.ndimage.binary_dilation``)."""
+    for _ in range(steps):
+        out = mask.copy()
+        for axis in range(3):
+            lo = [slice(None)] * 3
+            hi = [slice(None)] * 3
+            lo[axis], hi[axis] = slice(0, -1), slice(1, None)
+            out[tuple(lo)] |= mask[tuple(hi)]
+            out[tuple(hi)] |= mask[tuple(lo)]
+        mask = out
+    return mask
+
+
 def _local_level(
     img: NDArray[np.float32],
     interior: NDArray[np.bool_],
@@ -199,15 +237,13 @@ def _local_level(
     """The cartilage interior's mean intensity around each of *points* (index arrays): block sums on a
     ``BLOCK_MM`` grid, Gaussian-smoothed (normalised convolution), read back by linear interpolation."""
     factors = [max(1, round(BLOCK_MM / s)) for s in spacing]
-    shape = img.shape
-    padded = [int(np.ceil(n / f)) * f for n, f in zip(shape, factors, strict=True)]
-    pad = [(0, p - n) for p, n in zip(padded, shape, strict=True)]
-    weight = np.pad(interior.astype(np.float32), pad)
-    value = np.pad(np.where(interior, img, np.float32(0)), pad)
-    coarse = tuple(p // f for p, f in zip(padded, factors, strict=True))
-    blocks = (coarse[0], factors[0], coarse[1], factors[1], coarse[2], factors[2])
-    w = weight.reshape(blocks).sum(axis=(1, 3, 5))
-    v = value.reshape(blocks).sum(axis=(1, 3, 5))
+    # block sums by reduceat along each axis in turn (a last, partial block sums what there is)
+    w = interior.astype(np.float32)
+    v = np.where(interior, img, np.float32(0))
+    for axis, f in enumerate(factors):
+        starts = np.arange(0, img.shape[axis], f)
+        w = np.add.reduceat(w, starts, axis=axis)
+        v = np.add.reduceat(v, starts, axis=axis)
     ws = ndi.gaussian_filter(w, SMOOTH_BLOCKS, mode="nearest")
     vs = ndi.gaussian_filter(v, SMOOTH_BLOCKS, mode="nearest")
     overall = float(v.sum() / max(float(w.sum()), 1.0))
