@@ -86,6 +86,7 @@ def test_train_demo_tiny_budget_loads_through_registry(tmp_path: Path) -> None:
         assert entry.labels == COMPARTMENT_FREE_LABELS and entry.postprocess == (
             "remove_bone_islands",
             "split_medial_lateral",
+            "refine_cartilage",
         )
     cascade = registry.get("nnunet_cascade")
     assert cascade.configurations == ("3d_lowres", "3d_cascade_fullres")
