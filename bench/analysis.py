@@ -4,6 +4,7 @@
     .venv/bin/python bench/analysis.py --regions      # every plane, both knees: subregion Dice and thickness
     .venv/bin/python bench/analysis.py --follow-up    # 0.3 mm thinner medial weight-bearing femur
     .venv/bin/python bench/analysis.py --model        # the same through the default model's segmentation
+    .venv/bin/python bench/analysis.py --model --regions   # through the model, every plane, both knees
 
 Generates a full-size phantom (384 × 384 × 160 at 0.36 × 0.36 × 0.7 mm), runs ``worker.analysis.analyse`` on
 its labels ``--repeat`` times and prints the best and median wall time of the whole analysis (tissues and
@@ -107,8 +108,9 @@ def _follow_up(seed: int, orientation: str, laterality: str) -> None:
         )
 
 
-def _through_model(phantom: Phantom) -> None:
-    """The subregion measurements on the default model's segmentation of *phantom* (what a user gets)."""
+def _through_model(phantom: Phantom) -> list[str]:
+    """The subregion measurements on the default model's segmentation of *phantom* (what a user gets), with
+    and without ``refine_cartilage``; returns one summary line for each."""
     from openmsk.config import REPO_DIR
     from openmsk.models.registry import load_registry
     from worker.models.segmenter import from_canonical, load_segmenter, to_canonical
@@ -121,6 +123,7 @@ def _through_model(phantom: Phantom) -> None:
     print(f"default model {entry.name} {entry.version}: segmented in {time.perf_counter() - start:.0f} s")
     # the registry's steps, and the same with/without the image-aware cartilage refinement
     base = tuple(step for step in entry.postprocess if step != "refine_cartilage")
+    summaries = []
     for steps in (base, (*base, "refine_cartilage")):
         start = time.perf_counter()
         canonical_labels = segmenter.canonical_labels(model_labels, canonical.image, canonical.spacing, steps)
@@ -134,7 +137,37 @@ def _through_model(phantom: Phantom) -> None:
         start = time.perf_counter()
         measurements, region_map = analyse_with_regions(labels, phantom.spacing)
         print(f"analysis of its segmentation: {time.perf_counter() - start:.2f} s")
-        _region_table(phantom, measurements, region_map)
+        errors = _region_table(phantom, measurements, region_map)
+        summaries.append(_summary(phantom, labels, region_map, errors, steps, elapsed))
+    return summaries
+
+
+def _summary(
+    phantom: Phantom,
+    labels: np.ndarray,
+    region_map: np.ndarray | None,
+    errors: list[float],
+    steps: tuple[str, ...],
+    elapsed: float,
+) -> str:
+    """One line: thickness errors, the lowest region Dice, and region agreement where the tissue is right."""
+    case = f"{phantom.truth['orientation']} {phantom.truth['laterality']}"
+    refined = "refined" if "refine_cartilage" in steps else "model  "
+    line = f"{case:11s} {refined} postprocess {elapsed:4.2f} s"
+    if errors:
+        line += (
+            f"  thickness |error| median {100 * np.median(errors):4.1f} %, worst {100 * max(errors):4.1f} %"
+        )
+    if region_map is not None and phantom.regions is not None:
+        dices = []
+        for label in REGIONS:
+            a, b = region_map == label, phantom.regions == label
+            dices.append(2 * float((a & b).sum()) / max(1, int(a.sum()) + int(b.sum())))
+        # the frame's share: regions on voxels whose tissue the model got right (Dice counts both)
+        right = (region_map > 0) & (phantom.regions > 0) & (labels == phantom.labels)
+        agree = float((region_map[right] == phantom.regions[right]).mean()) if right.any() else float("nan")
+        line += f"  region Dice min {min(dices):.3f}, same region where the tissue is right {agree:.3f}"
+    return line
 
 
 def _seg_and_sr(phantom: Phantom, measurements: dict[str, Any]) -> None:
@@ -173,6 +206,18 @@ def main() -> None:
     parser.add_argument("--follow-up", action="store_true", help="change per subregion after thinning")
     parser.add_argument("--model", action="store_true", help="also through the default model's labels")
     args = parser.parse_args()
+    if args.regions and args.model:
+        summaries = []
+        for orientation in ORIENTATIONS:
+            for laterality in LATERALITIES:
+                phantom = generate(
+                    seed=args.seed, size="full", orientation=orientation, laterality=laterality
+                )
+                print(f"\n== {orientation} {laterality}")
+                summaries += _through_model(phantom)
+        print("\nthrough the default model, full size, every plane and both knees:")
+        print("\n".join(f"  {line}" for line in summaries))
+        return
     if args.regions:
         _all_regions(args.seed)
         return

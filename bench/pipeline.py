@@ -7,7 +7,9 @@ The development machine is a shared VM whose speed drifts by a quarter from run 
 ``--repeat N`` runs the stages after the network N more times on the same network output (``infer`` is not part
 of the overhead) and prints each overhead and their median.
 
-    .venv/bin/python bench/pipeline.py [--model nnunet_fullres] [--size full] [--repeat 5]
+    .venv/bin/python bench/pipeline.py [--model nnunet_fullres] [--size full] [--repeat 5] [--without STEP]
+
+``--without refine_cartilage`` alternates the repeats with the same entry less that step, for its cost.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,11 @@ def main() -> None:
     parser.add_argument("--size", default="full", choices=("small", "full"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeat", type=int, default=5, help="more runs after the network (0: none)")
+    parser.add_argument(
+        "--without",
+        metavar="STEP",
+        help="repeats alternate with the entry less this post-processing step (A/B)",
+    )
     args = parser.parse_args()
     settings = load_settings()
     registry = load_registry(settings.model_registry)
@@ -71,10 +79,35 @@ def main() -> None:
         overheads = [overhead]
         if args.repeat > 0:
             segmenter.predict = lambda *_args, **_kwargs: outputs[0]  # type: ignore[method-assign]
+            without = None
+            if args.without:
+                if args.without not in entry.postprocess:
+                    parser.error(f"{entry.name} has no post-processing step {args.without!r}")
+                without = replace(entry, postprocess=tuple(s for s in entry.postprocess if s != args.without))
+            stages_with: list[dict[str, float]] = []
+            stages_without: list[dict[str, float]] = []
+            overheads_without: list[float] = []
             for _ in range(args.repeat):
                 durations, total, _shape = run_job(segmenter, entry, out)
                 overheads.append(total - durations.get("infer", 0.0))
+                stages_with.append(durations)
+                if without is not None:
+                    segmenter.entry = without
+                    durations, total, _shape = run_job(segmenter, without, out)
+                    segmenter.entry = entry
+                    overheads_without.append(total - durations.get("infer", 0.0))
+                    stages_without.append(durations)
             print("overhead of each run: " + " ".join(f"{o:.2f}" for o in overheads) + " s")
+            if without is not None:
+                print(f"A/B, alternating runs: median per stage with and without {args.without}")
+                for name in stages_with[0]:
+                    a = statistics.median(d[name] for d in stages_with)
+                    b = statistics.median(d.get(name, 0.0) for d in stages_without)
+                    print(f"  {name:<12} {a:7.2f} s  {b:7.2f} s")
+                print(
+                    f"  {'overhead':<12} {statistics.median(overheads[1:]):7.2f} s  "
+                    f"{statistics.median(overheads_without):7.2f} s"
+                )
         median = statistics.median(overheads)
     print(f"overhead median of {len(overheads)}: {median:.2f} s  (target ≤ 3 s)")
     print(

@@ -49,6 +49,8 @@ CARTILAGE_LABELS = tuple(
         "patellar_cartilage",
     )
 )
+# the bounding box is found from the labels' range in one compare
+assert tuple(range(min(CARTILAGE_LABELS), max(CARTILAGE_LABELS) + 1)) == CARTILAGE_LABELS, CARTILAGE_LABELS
 BAND_VOXELS = 1  # face-steps either side of the model's boundary that may change (2: thin fluid films
 # between femoral and tibial cartilage, barely brighter than cartilage, were absorbed: +11 % on true labels)
 SHELL_VOXELS = 2  # width of the shell outside the band whose intensities describe the neighbours
@@ -70,14 +72,17 @@ def refine_cartilage(
         raise ValueError(f"labels {labels.shape} and image {image.shape} differ in shape")
     lut = np.zeros(256, dtype=bool)
     lut[list(CARTILAGE_LABELS)] = True
-    boxes = ndi.find_objects(lut[labels].view(np.uint8))
-    if not boxes:
+    # the cartilage's bounding box from the labels' range (cartilage labels are consecutive) and projections
+    low, high = min(CARTILAGE_LABELS), max(CARTILAGE_LABELS)
+    mask = (labels - np.uint8(low)) <= np.uint8(high - low)  # uint8 wrap-around: below low -> large
+    if not mask.any():
         return labels
     margin = BAND_VOXELS + SHELL_VOXELS + 1
-    box = tuple(
-        slice(max(0, s.start - margin), min(n, s.stop + margin))
-        for s, n in zip(boxes[0], labels.shape, strict=True)
-    )
+    box = []
+    for axis, n in enumerate(labels.shape):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(max(0, int(hit[0]) - margin), min(n, int(hit[-1]) + 1 + margin)))
+    box = tuple(box)
     lab = np.ascontiguousarray(labels[box])
     img = np.ascontiguousarray(image[box], dtype=np.float32)
     changed = _refine_box(lab, img, spacing, lut)
@@ -156,10 +161,11 @@ def _refine_box(
     out[removed] = 0
     dark_removed = removed & (ratio < 1.0)
     if dark_removed.any():
-        other = np.where(lut[lab], 0, lab).astype(np.uint8)
+        other = lab.copy()
+        other[cart] = 0
         _fill_from_neighbours(out, dark_removed, other)
     # added voxels: the nearest cartilage label
-    cart_labels = np.where(cart & new_cart, lab, 0).astype(np.uint8)
+    cart_labels = np.multiply(lab, cart & new_cart, dtype=np.uint8)
     out[added] = 0
     _fill_from_neighbours(out, added, cart_labels)
     return out
