@@ -16,10 +16,12 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "OPENMSK_"
 MANAGED_STORAGE = "managed"  # OPENMSK_STORAGE_URL value: `openmsk up` starts the object store itself
+#: DATA_DIR/incoming/<study>/<series>/: what the SCP received; retention removes old series from it.
+INCOMING = "incoming"
 
-# DICOM PS3.5 AE title: 1-16 characters of the default repertoire, no backslash, not only spaces.
 REPO_DIR = Path(__file__).resolve().parents[1]
 
+# DICOM PS3.5 AE title: 1-16 characters of the default repertoire, no backslash, not only spaces.
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 
 

@@ -34,8 +34,8 @@ from pathlib import Path
 
 from openmsk import __version__
 from openmsk.atomic import fsync_folder
+from openmsk.config import INCOMING
 
-INCOMING = "incoming"
 PARTIAL = ".partial"
 SUFFIX = ".dcm"
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import redis
 
-from openmsk.config import Settings
+from openmsk.config import INCOMING, Settings
 from openmsk.forwarding import ForwardOutbox
 from openmsk.jobs import INDEX_STATE, KEY_PREFIX, LATEST_PREFIX, Job, JobNotFound, JobState, JobStore
 from openmsk.objectstore import ObjectStore, StorageError, store_for
@@ -41,7 +41,6 @@ from openmsk.spool import JOB_SPOOL, RecordFolder
 log = logging.getLogger("openmsk.web.retention")
 
 LOCK_KEY = "openmsk:retention:lock"
-INCOMING = "incoming"
 EXPIRED = "expired"  # DATA_DIR/expired/: series folders being removed (same file system as incoming/)
 MIN_INTERVAL_S = 60.0
 MAX_INTERVAL_S = 3600.0
