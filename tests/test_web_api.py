@@ -808,6 +808,13 @@ def test_redis_down_is_a_json_503_without_a_traceback(
     assert "Traceback" not in (tmp_path / "web.log").read_text()
 
 
+def _create_running(store: JobStore, job: Job) -> None:
+    """A job record as the worker leaves it when it starts: created, queued, running."""
+    store.create(job)
+    store.transition(job.id, JobState.QUEUED)
+    store.transition(job.id, JobState.RUNNING)
+
+
 def test_retention_removes_expired_files_and_keeps_records(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
@@ -819,9 +826,7 @@ def test_retention_removes_expired_files_and_keeps_records(
     for job in (old, running):
         (data / "uploads" / job.id / "dicom").mkdir(parents=True)
         (data / "jobs" / job.id / "output").mkdir(parents=True)
-        store.create(job)
-        store.transition(job.id, JobState.QUEUED)
-        store.transition(job.id, JobState.RUNNING)
+        _create_running(store, job)
     store.transition(
         old.id, JobState.DELIVERING, lambda j: setattr(j, "files", [f"jobs/{j.id}/output/seg.dcm"])
     )
@@ -864,9 +869,7 @@ def test_retention_removes_received_series_nothing_needs(
         series = folders[name]
         job = Job(source="scp", model="demo", series_uid=series.name, created_at=long_ago,
                   input_path=f"incoming/1.2.3/{series.name}")  # fmt: skip
-        store.create(job)
-        store.transition(job.id, JobState.QUEUED)
-        store.transition(job.id, JobState.RUNNING)
+        _create_running(store, job)
         store.transition(job.id, JobState.FAILED)
         store.update(job.id, lambda j, t=finished: j.state_times.__setitem__("failed", t))
         redis_client.hset(f"{LATEST_PREFIX}{series.name}:demo", mapping={"job": job.id})
