@@ -80,7 +80,7 @@ SLICE_WINDOW = 64  # px: the 2D net trains on windows of this size (a small phan
 DEFAULT_ITERATIONS = {"nnunet_fullres": 1200, "nnunet_cascade": 3000, "dosma_2d": 5000}
 # cascade: iterations of 3d_lowres relative to 3d_cascade_fullres (they are several times cheaper)
 LOWRES_FRACTION = 0.2
-VERSION = "0.1.1-demo"  # 0.1.1: the cascade retrained with 3000 iterations
+VERSION = "0.2.0-demo"  # 0.1.1: the cascade retrained with 3000 iterations; 0.2.0: refine_cartilage added
 INITIAL_LR = 3e-3  # AdamW (see the trainer)
 VAL_ITERATIONS = 2  # per epoch: only for the log's pseudo Dice
 FULLRES_SPACING = 1.6  # mm, isotropic: the phantoms' in-plane spacing, so no plane is downsampled
