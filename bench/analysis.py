@@ -5,6 +5,7 @@
     .venv/bin/python bench/analysis.py --follow-up    # 0.3 mm thinner medial weight-bearing femur
     .venv/bin/python bench/analysis.py --model        # the same through the default model's segmentation
     .venv/bin/python bench/analysis.py --model --regions   # through the model, every plane, both knees
+    .venv/bin/python bench/analysis.py --model --regions --cases axial:R:16,sagittal:L:16  # other knees
 
 Generates a full-size phantom (384 × 384 × 160 at 0.36 × 0.36 × 0.7 mm), runs ``worker.analysis.analyse`` on
 its labels ``--repeat`` times and prints the best and median wall time of the whole analysis (tissues and
@@ -205,16 +206,20 @@ def main() -> None:
     parser.add_argument("--regions", action="store_true", help="subregions in every plane, both knees")
     parser.add_argument("--follow-up", action="store_true", help="change per subregion after thinning")
     parser.add_argument("--model", action="store_true", help="also through the default model's labels")
+    parser.add_argument(
+        "--cases",
+        help="with --model --regions: orientation:laterality:seed,... instead of every plane and knee",
+    )
     args = parser.parse_args()
     if args.regions and args.model:
+        cases = [(o, lat, args.seed) for o in ORIENTATIONS for lat in LATERALITIES]
+        if args.cases:
+            cases = [(o, lat, int(seed)) for o, lat, seed in (c.split(":") for c in args.cases.split(","))]
         summaries = []
-        for orientation in ORIENTATIONS:
-            for laterality in LATERALITIES:
-                phantom = generate(
-                    seed=args.seed, size="full", orientation=orientation, laterality=laterality
-                )
-                print(f"\n== {orientation} {laterality}")
-                summaries += _through_model(phantom)
+        for orientation, laterality, seed in cases:
+            phantom = generate(seed=seed, size="full", orientation=orientation, laterality=laterality)
+            print(f"\n== {orientation} {laterality} seed {seed}")
+            summaries += [f"seed {seed:3d} {line}" for line in _through_model(phantom)]
         print("\nthrough the default model, full size, every plane and both knees:")
         print("\n".join(f"  {line}" for line in summaries))
         return
