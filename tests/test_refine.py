@@ -65,3 +65,28 @@ def test_shapes_must_match_and_the_step_is_registered() -> None:
         refine_cartilage(np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 5), np.float32), SPACING)
     assert "refine_cartilage" in POSTPROCESS_STEPS
     assert set(POSTPROCESS) | set(IMAGE_POSTPROCESS) == set(POSTPROCESS_STEPS)
+
+
+def test_an_edge_next_to_fluid_grows_back_to_where_the_fluid_begins() -> None:
+    """Cartilage's own edge next to fluid reads brighter than cartilage through the blur; a model one voxel
+    short there gets it back (it lies between cartilage and clear fluid), and no more."""
+    truth, image = _slab_volume(2)
+    model = truth.copy()
+    model[..., 27] = 0  # the model stops one voxel before the fluid
+    out = refine_cartilage(model.copy(), image, SPACING)
+    cart = out == FEMORAL_CARTILAGE
+    assert (cart[..., 27]).mean() > 0.99
+    assert cart[..., 28:].mean() < 0.001  # the fluid itself stays out (noise may flip a voxel or two)
+    assert np.median(cart.sum(axis=2)) == 8
+
+
+def test_the_shifted_slice_morphology_is_scipys() -> None:
+    from worker.models.refine import _dilated, _eroded
+
+    face = ndi.generate_binary_structure(3, 1)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        mask = ndi.binary_opening(rng.random((20, 25, 30)) > 0.4, face)
+        for steps in (1, 2):
+            assert np.array_equal(_eroded(mask, steps), ndi.binary_erosion(mask, face, iterations=steps))
+            assert np.array_equal(_dilated(mask, steps), ndi.binary_dilation(mask, face, iterations=steps))
