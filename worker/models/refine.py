@@ -34,6 +34,7 @@ SPGR-FS or PD-FS knee MRI. With fewer than ``MIN_VOXELS`` interior or shell voxe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -91,8 +92,9 @@ def refine_cartilage(
     box = tuple(box)
     lab = np.ascontiguousarray(labels[box])
     img = np.ascontiguousarray(image[box], dtype=np.float32)
+    level: _LevelGrid | None = None  # the first pass's, read by the next: the model's interior sets the level
     for _ in range(PASSES):
-        changed = _refine_box(lab, img, spacing, lut)
+        changed, level = _refine_box(lab, img, spacing, lut, level)
         if changed is None:
             break
         lab = changed
@@ -105,7 +107,9 @@ def _refine_box(
     img: NDArray[np.float32],
     spacing: tuple[float, float, float],
     lut: NDArray[np.bool_],
-) -> NDArray[np.uint8] | None:
+    level_grid: _LevelGrid | None,
+) -> tuple[NDArray[np.uint8] | None, _LevelGrid | None]:
+    """One pass over the box: the new labels (None: nothing to change) and the level grid it used."""
     cart = lut[lab]
     interior = _eroded(cart, 1)
     core = interior if BAND_VOXELS == 1 else _eroded(interior, BAND_VOXELS - 1)
@@ -113,7 +117,7 @@ def _refine_box(
     band = grown & ~core
     shell = _dilated(grown, SHELL_VOXELS) & ~grown
     if int(interior.sum()) < MIN_VOXELS or int(shell.sum()) < MIN_VOXELS:
-        return None
+        return None, level_grid
 
     # the cartilage level from its interior, robust to voxels the model got wrong (far from the median)
     if int(core.sum()) >= MIN_VOXELS:
@@ -121,19 +125,22 @@ def _refine_box(
     values = img[interior]
     median = float(np.median(values))
     if not median > 0:
-        return None
+        return None, level_grid
     trusted = interior & (img > 0.5 * median) & (img < 2.0 * median)
     where = band | shell
     points = np.nonzero(where)
     ratio = np.zeros(lab.shape, dtype=np.float32)
-    level = _local_level(img, trusted, spacing, points)
+    if level_grid is None:
+        level_grid = _level_grid(img, trusted, spacing)
+    level = _read_level(level_grid, points)
     ratio[where] = img[where] / np.maximum(level, np.float32(1e-6))
 
     r_shell = ratio[shell | (band & ~cart)]  # outside the model's cartilage, within reach of it
     dark = r_shell[r_shell < 0.9]  # clearly darker or brighter than cartilage, beyond its noise
     bright = r_shell[r_shell > 1.1]
     if dark.size < MIN_VOXELS:
-        return None  # no darker neighbour to tell cartilage from: not an image this step understands
+        # no darker neighbour to tell cartilage from: not an image this step understands
+        return None, level_grid
     lo = 0.5 * (1.0 + float(np.percentile(dark, NEIGHBOUR_PERCENTILE)))
     # fluid, when the shell sees enough of it; otherwise only an upper bound far above cartilage
     hi = (
@@ -166,7 +173,7 @@ def _refine_box(
     added = new_cart & ~cart
     removed = cart & ~new_cart
     if not added.any() and not removed.any():
-        return None
+        return None, level_grid
     out = lab.copy()
     # removed voxels: darker than cartilage -> a neighbouring non-cartilage label (bone, meniscus), else 0
     out[removed] = 0
@@ -179,7 +186,7 @@ def _refine_box(
     cart_labels = np.multiply(lab, cart & new_cart, dtype=np.uint8)
     out[added] = 0
     _fill_from_neighbours(out, added, cart_labels)
-    return out
+    return out, level_grid
 
 
 def _fill_from_neighbours(
@@ -261,15 +268,21 @@ def _between(inner: NDArray[np.bool_], outer: NDArray[np.bool_]) -> NDArray[np.b
     return out
 
 
-def _local_level(
-    img: NDArray[np.float32],
-    interior: NDArray[np.bool_],
-    spacing: tuple[float, float, float],
-    points: tuple[NDArray[np.intp], ...],
-) -> NDArray[np.float32]:
-    """The cartilage interior's mean intensity around each of *points* (index arrays): block sums on a
-    ``BLOCK_MM`` grid, Gaussian-smoothed (normalised convolution), read back by linear interpolation."""
-    factors = [max(1, round(BLOCK_MM / s)) for s in spacing]
+@dataclass(frozen=True)
+class _LevelGrid:
+    """The local cartilage level on a coarse grid: ``level[i, j, k]`` for the block of ``factors`` voxels."""
+
+    level: NDArray[np.float32]
+    factors: tuple[int, int, int]
+
+
+def _level_grid(
+    img: NDArray[np.float32], interior: NDArray[np.bool_], spacing: tuple[float, float, float]
+) -> _LevelGrid:
+    """The cartilage interior's mean intensity on a ``BLOCK_MM`` grid, Gaussian-smoothed (normalised
+    convolution, so blocks without interior take their neighbours' level)."""
+    fx, fy, fz = (max(1, round(BLOCK_MM / s)) for s in spacing)
+    factors = (fx, fy, fz)
     # block sums by reduceat along each axis in turn (a last, partial block sums what there is)
     w = interior.astype(np.float32)
     v = np.where(interior, img, np.float32(0))
@@ -282,6 +295,13 @@ def _local_level(
     overall = float(v.sum() / max(float(w.sum()), 1.0))
     floor = 1e-3 * max(float(ws.max()), 1e-9)
     level = np.where(ws > floor, vs / np.maximum(ws, floor), overall).astype(np.float32)
+    return _LevelGrid(level, factors)
+
+
+def _read_level(grid: _LevelGrid, points: tuple[NDArray[np.intp], ...]) -> NDArray[np.float32]:
+    """The level at each of *points* (index arrays), by linear interpolation between block centres."""
     # block centres sit at (i + 0.5) * f - 0.5 in voxel units
-    coords = np.stack([(p.astype(np.float32) + 0.5) / f - 0.5 for p, f in zip(points, factors, strict=True)])
-    return ndi.map_coordinates(level, coords, order=1, mode="nearest").astype(np.float32)
+    coords = np.stack(
+        [(p.astype(np.float32) + 0.5) / f - 0.5 for p, f in zip(points, grid.factors, strict=True)]
+    )
+    return ndi.map_coordinates(grid.level, coords, order=1, mode="nearest").astype(np.float32)
