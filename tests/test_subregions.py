@@ -126,7 +126,9 @@ def test_a_stray_piece_of_a_bone_label_does_not_tilt_the_frame(
     away = ndi.distance_transform_edt((labels < 1) | (labels > 3))
     corner = np.unravel_index(int(np.argmax(away)), labels.shape)
     side = round((tibia / 3) ** (1 / 3))
-    block = tuple(slice(0, side) if c < n / 2 else slice(n - side, n) for c, n in zip(corner, labels.shape))
+    block = tuple(
+        slice(0, side) if c < n / 2 else slice(n - side, n) for c, n in zip(corner, labels.shape, strict=True)
+    )
     assert away[block].min() > 2, "the cube must not touch a bone"
     labels[block] = 2
     clean, stray = knee_frame(ph.labels, ph.spacing), knee_frame(labels, ph.spacing)
