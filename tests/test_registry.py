@@ -349,6 +349,9 @@ def test_install_shipped_model_folder_matches_its_entry(tmp_path: Path, name: st
     entry = models_cli.install_model(shipped.folder, registry, name="copy")
     assert (entry.kind, entry.configurations, entry.folds) == (shipped.kind, shipped.configurations, ("all",))
     # an installed model gets the default steps; the image-aware refinement is the demo models' own choice
-    assert entry.labels == shipped.labels and entry.postprocess == ("remove_bone_islands", "split_medial_lateral")
+    assert entry.labels == shipped.labels and entry.postprocess == (
+        "remove_bone_islands",
+        "split_medial_lateral",
+    )
     assert shipped.postprocess == (*entry.postprocess, "refine_cartilage")
     assert entry.sha256 == dict(shipped.sha256)
