@@ -8,6 +8,10 @@ pynetdicom handler measures ~0.25 here), and the completion latency: storescu's 
 acknowledged, association released) → the job is QUEUED in Redis, which includes ``OPENMSK_SERIES_QUIET_S``
 (2 s by default).
 
+Each round also sends the series with storescu to an Orthanc of its own (the Debian package, its defaults:
+SQLite index, storage synced before it answers), emptied through its REST API first, as a second baseline:
+Orthanc's own durable ingest, the first hop a site runs today (``--no-orthanc`` skips it).
+
 A second run per round sends the same instances over ``--senders`` (default 4) concurrent associations to each
 (same total); ``--legacy`` adds an in-process node SCP with the old writes (empty spares, one fsync per
 instance) to the same rounds, for an A/B under the same machine load.
@@ -20,6 +24,7 @@ files/s), and one ``syncfs`` per batch of waiting files ("group commit") was slo
 node does not do that.
 
     .venv/bin/python bench/ingest.py [--instances 500] [--rounds 3] [--senders 4] [--legacy] [--profile]
+        [--no-orthanc]
 
 ``--profile`` runs the node SCP inside this process instead, under cProfile (every thread), and prints where
 the time goes; ``--no-fsync`` (diagnostic only) runs it in-process without its fsync, to separate the disk's
@@ -43,6 +48,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from openmsk.jobs import JobStore
+from openmsk.managed.orthanc import ManagedOrthanc, orthanc_binary
 from openmsk.managed.process import free_port, spawn, stop, wait_until
 from openmsk.managed.redis import ManagedRedis
 
@@ -143,6 +149,15 @@ def send(folder: Path, port: int, called_ae: str) -> float:
     return time.perf_counter() - start
 
 
+def empty_orthanc(orthanc: ManagedOrthanc) -> None:
+    """Delete every patient Orthanc holds (its REST API), so that each round stores the series anew."""
+    import requests
+
+    auth = (orthanc.user, orthanc.password)
+    for patient in requests.get(f"{orthanc.url}/patients", auth=auth, timeout=30).json():
+        requests.delete(f"{orthanc.url}/patients/{patient}", auth=auth, timeout=60).raise_for_status()
+
+
 def send_parallel(folders: list[Path], port: int, called_ae: str) -> float:
     """One storescu association per folder, all at once; returns the wall time until the last one ends."""
     start = time.perf_counter()
@@ -210,6 +225,9 @@ def main() -> int:
         help="also time an in-process node SCP with the old writes (empty spares, one fsync each), side by side",
     )
     parser.add_argument("--workdir", type=Path, help="where to put data (default: a temporary folder)")
+    parser.add_argument(
+        "--no-orthanc", action="store_true", help="skip the storescu -> Orthanc rounds (its durable ingest)"
+    )
     args = parser.parse_args()
     for tool in ("storescu", "storescp"):
         if shutil.which(tool) is None:
@@ -274,6 +292,14 @@ def run(args: argparse.Namespace, work: Path) -> int:
             )  # fmt: skip
             legacy = StorageSCP(legacy_settings).start()
             legacy.store.prewrite = False
+        orthanc = None
+        if not args.no_orthanc and orthanc_binary() is not None:
+            # Orthanc's own ingest (its defaults: SQLite index, files synced before the answer) as a second
+            # baseline: what a site runs as its first hop today.
+            orthanc = ManagedOrthanc(
+                data_dir=work / "orthanc", http_port=free_port(), dicom_port=free_port(), user="bench",
+                password="bench",
+            ).start()  # fmt: skip
         try:
             wait_until(lambda: port_open(dcmtk_port), 15, "storescp")
             wait_until(lambda: port_open(node_port), 30, "node SCP")
@@ -287,6 +313,9 @@ def run(args: argparse.Namespace, work: Path) -> int:
                 times["storescp"].append(send(source, dcmtk_port, "ANY-SCP"))
                 times["node"].append(send(source, node_port, "OPENMSK"))
                 acked = time.time()
+                if orthanc is not None:
+                    empty_orthanc(orthanc)  # a resent instance it already has would be cheaper
+                    times.setdefault("orthanc", []).append(send(source, orthanc.dicom_port, orthanc.aet))
                 if legacy is not None:
                     clear_incoming(work / "legacy")
                     times.setdefault("legacy", []).append(send(source, legacy.port, "OPENMSK"))
@@ -317,6 +346,8 @@ def run(args: argparse.Namespace, work: Path) -> int:
             stop(storescp)
             if legacy is not None:
                 legacy.stop()
+            if orthanc is not None:
+                orthanc.stop()
         stored = sum(1 for _ in (node_data / "incoming").rglob("*.dcm"))  # those of the last round
     if stored != args.instances:
         print(f"node stored {stored} of {args.instances} instances", file=sys.stderr)
@@ -334,6 +365,9 @@ def run(args: argparse.Namespace, work: Path) -> int:
     if "node xN" in medians:
         ratio = medians["storescp xN"] / medians["node xN"]
         print(f"ratio node/storescp, {args.senders} concurrent associations: {ratio:.2f}  (target >= 0.9)")
+    if "orthanc" in medians:
+        ratio = medians["orthanc"] / medians["node"]
+        print(f"ratio node/Orthanc (storescu -> Orthanc, one association): {ratio:.2f}")
     for name in ("legacy", "legacy xN"):
         if name in medians:  # the same rounds, so the same load on the machine
             baseline = medians[name.replace("legacy", "storescp")]
