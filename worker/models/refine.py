@@ -163,12 +163,13 @@ def _refine_box(
     # drop pieces that hold none of the untouched interior
     import cc3d
 
-    pieces = cc3d.connected_components(new_cart, connectivity=26)
+    pieces, count = cc3d.connected_components(new_cart, connectivity=26, return_N=True)
     anchored = np.unique(pieces[core])
-    good = np.zeros(int(pieces.max()) + 1, dtype=bool)
-    good[anchored] = True
-    good[0] = False
-    new_cart = good[pieces]
+    if anchored.size - int(anchored[0] == 0) < count:  # some piece holds no interior (else nothing to drop)
+        good = np.zeros(count + 1, dtype=bool)
+        good[anchored] = True
+        good[0] = False
+        new_cart = good[pieces]
 
     added = new_cart & ~cart
     removed = cart & ~new_cart
