@@ -42,6 +42,10 @@ BUDGET_S = 3.0  # the whole analysis (tissues + subregions) on a full-size knee,
 FOLLOW_UP = ("femoral_medial_central", 0.3)
 
 
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * float((a & b).sum()) / max(1, int(a.sum()) + int(b.sum()))
+
+
 def _region_table(
     phantom: Phantom, measurements: dict[str, Any], region_map: np.ndarray | None
 ) -> list[float]:
@@ -55,8 +59,7 @@ def _region_table(
         truth = phantom.truth["regions"][region.name]["thickness_mm"]
         dice = float("nan")
         if region_map is not None and phantom.regions is not None:
-            a, b = region_map == label, phantom.regions == label
-            dice = 2 * float((a & b).sum()) / max(1, int(a.sum()) + int(b.sum()))
+            dice = _dice(region_map == label, phantom.regions == label)
         th = entry["thickness_mm"]
         if th is None:
             print(f"  {region.name:26s} {dice:5.3f} {truth:6.2f}  not measurable: {entry['reason']}")
@@ -85,8 +88,7 @@ def _all_regions(seed: int) -> None:
             errors = _region_table(phantom, measurements, region_map)
             worst_error = max([worst_error, *errors])
             for label in REGIONS:
-                a, b = region_map == label, phantom.regions == label
-                worst_dice = min(worst_dice, 2 * float((a & b).sum()) / max(1, int(a.sum()) + int(b.sum())))
+                worst_dice = min(worst_dice, _dice(region_map == label, phantom.regions == label))
     print(
         f"over all: lowest subregion Dice {worst_dice:.3f} (needs >= 0.90), worst |error| {100 * worst_error:.1f} %"
     )
@@ -132,9 +134,9 @@ def _through_model(phantom: Phantom) -> list[str]:
         labels = from_canonical(canonical_labels, canonical)
         print(f"postprocess {' + '.join(steps)}: {elapsed:.2f} s")
         for tissue in CARTILAGES:
-            a, b = labels == tissue.label, phantom.labels == tissue.label
-            dice = 2 * float((a & b).sum()) / max(1, int(a.sum()) + int(b.sum()))
-            print(f"  {tissue.name:26s} Dice {dice:.3f}")
+            print(
+                f"  {tissue.name:26s} Dice {_dice(labels == tissue.label, phantom.labels == tissue.label):.3f}"
+            )
         start = time.perf_counter()
         measurements, region_map = analyse_with_regions(labels, phantom.spacing)
         print(f"analysis of its segmentation: {time.perf_counter() - start:.2f} s")
@@ -160,10 +162,7 @@ def _summary(
             f"  thickness |error| median {100 * np.median(errors):4.1f} %, worst {100 * max(errors):4.1f} %"
         )
     if region_map is not None and phantom.regions is not None:
-        dices = []
-        for label in REGIONS:
-            a, b = region_map == label, phantom.regions == label
-            dices.append(2 * float((a & b).sum()) / max(1, int(a.sum()) + int(b.sum())))
+        dices = [_dice(region_map == label, phantom.regions == label) for label in REGIONS]
         # the frame's share: regions on voxels whose tissue the model got right (Dice counts both)
         right = (region_map > 0) & (phantom.regions > 0) & (labels == phantom.labels)
         agree = float((region_map[right] == phantom.regions[right]).mean()) if right.any() else float("nan")
@@ -220,7 +219,7 @@ def main() -> None:
             phantom = generate(seed=seed, size="full", orientation=orientation, laterality=laterality)
             print(f"\n== {orientation} {laterality} seed {seed}")
             summaries += [f"seed {seed:3d} {line}" for line in _through_model(phantom)]
-        print("\nthrough the default model, full size, every plane and both knees:")
+        print("\nthrough the default model, full size:")
         print("\n".join(f"  {line}" for line in summaries))
         return
     if args.regions:
