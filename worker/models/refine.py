@@ -52,7 +52,7 @@ CARTILAGE_LABELS = tuple(
         "patellar_cartilage",
     )
 )
-# the bounding box is found from the labels' range in one compare
+# cartilage is found as the labels' range in one compare (_is_cartilage)
 assert tuple(range(min(CARTILAGE_LABELS), max(CARTILAGE_LABELS) + 1)) == CARTILAGE_LABELS, CARTILAGE_LABELS
 BAND_VOXELS = 1  # face-steps either side of the model's boundary that may change (2: thin fluid films
 # between femoral and tibial cartilage, barely brighter than cartilage, were absorbed: +11 % on true labels)
@@ -77,11 +77,8 @@ def refine_cartilage(
     """
     if labels.shape != image.shape:
         raise ValueError(f"labels {labels.shape} and image {image.shape} differ in shape")
-    lut = np.zeros(256, dtype=bool)
-    lut[list(CARTILAGE_LABELS)] = True
-    # the cartilage's bounding box from the labels' range (cartilage labels are consecutive) and projections
-    low, high = min(CARTILAGE_LABELS), max(CARTILAGE_LABELS)
-    mask = (labels - np.uint8(low)) <= np.uint8(high - low)  # uint8 wrap-around: below low -> large
+    # the cartilage's bounding box, from its projections on the axes
+    mask = _is_cartilage(labels)
     if not mask.any():
         return labels
     margin = BAND_VOXELS + SHELL_VOXELS + 1
@@ -94,7 +91,7 @@ def refine_cartilage(
     img = np.ascontiguousarray(image[box], dtype=np.float32)
     level: _LevelGrid | None = None  # the first pass's, read by the next: the model's interior sets the level
     for _ in range(PASSES):
-        changed, level = _refine_box(lab, img, spacing, lut, level)
+        changed, level = _refine_box(lab, img, spacing, level)
         if changed is None:
             break
         lab = changed
@@ -106,11 +103,10 @@ def _refine_box(
     lab: NDArray[np.uint8],
     img: NDArray[np.float32],
     spacing: tuple[float, float, float],
-    lut: NDArray[np.bool_],
     level_grid: _LevelGrid | None,
 ) -> tuple[NDArray[np.uint8] | None, _LevelGrid | None]:
     """One pass over the box: the new labels (None: nothing to change) and the level grid it used."""
-    cart = lut[lab]
+    cart = _is_cartilage(lab)
     interior = _eroded(cart, 1)
     core = interior if BAND_VOXELS == 1 else _eroded(interior, BAND_VOXELS - 1)
     grown = _dilated(cart, BAND_VOXELS)
@@ -188,6 +184,12 @@ def _refine_box(
     out[added] = 0
     _fill_from_neighbours(out, added, cart_labels)
     return out, level_grid
+
+
+def _is_cartilage(labels: NDArray[np.uint8]) -> NDArray[np.bool_]:
+    """Where *labels* is a cartilage label (consecutive values: one compare, uint8 wrap-around below)."""
+    low, high = min(CARTILAGE_LABELS), max(CARTILAGE_LABELS)
+    return (labels - np.uint8(low)) <= np.uint8(high - low)
 
 
 def _fill_from_neighbours(
