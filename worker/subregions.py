@@ -113,17 +113,23 @@ class KneeFrame:
         return (voxels * self.spacing - self.origin_mm) @ self.axes.T
 
 
-def _points(labels: NDArray[Any], values: Sequence[int], box: tuple[slice, ...] | None, step: NDArray[Any]):
-    """Voxel indices (n, 3) of *values* inside *box*, sampled every *step* voxels."""
+def _sampled(
+    labels: NDArray[Any], box: tuple[slice, ...] | None, step: NDArray[Any]
+) -> tuple[NDArray[Any], NDArray[np.int64]]:
+    """The view of *labels* inside *box* sampled every *step* voxels, and the index of its first voxel."""
     if box is None:
         box = tuple(slice(0, n) for n in labels.shape)
     sub = tuple(slice(b.start, b.stop, int(s)) for b, s in zip(box, step, strict=True))
-    view = labels[sub]
+    return labels[sub], np.array([b.start for b in box])
+
+
+def _points(labels: NDArray[Any], values: Sequence[int], box: tuple[slice, ...] | None, step: NDArray[Any]):
+    """Voxel indices (n, 3) of *values* inside *box*, sampled every *step* voxels."""
+    view, origin = _sampled(labels, box, step)
     mask = view == values[0]
     for v in values[1:]:
         mask |= view == v
-    found = np.argwhere(mask)
-    return found * step + np.array([b.start for b in box])
+    return np.argwhere(mask) * step + origin
 
 
 def _bone_points(labels: NDArray[Any], value: int, box: tuple[slice, ...] | None, step: NDArray[Any]):
@@ -132,16 +138,14 @@ def _bone_points(labels: NDArray[Any], value: int, box: tuple[slice, ...] | None
     of the tibia's size on a full-size oblique knee) must not tilt the frame's axes."""
     import cc3d
 
-    if box is None:
-        box = tuple(slice(0, n) for n in labels.shape)
-    sub = tuple(slice(b.start, b.stop, int(s)) for b, s in zip(box, step, strict=True))
-    mask = np.ascontiguousarray(labels[sub] == value)
+    view, origin = _sampled(labels, box, step)
+    mask = np.ascontiguousarray(view == value)
     pieces, count = cc3d.connected_components(mask, connectivity=26, return_N=True)
     if count > 1:
         sizes = np.bincount(pieces.ravel(), minlength=count + 1)
         sizes[0] = 0
         mask = pieces == int(np.argmax(sizes))
-    return np.argwhere(mask) * step + np.array([b.start for b in box])
+    return np.argwhere(mask) * step + origin
 
 
 def _union_box(boxes: Sequence[tuple[slice, ...] | None]) -> tuple[slice, ...] | None:
