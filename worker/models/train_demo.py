@@ -69,9 +69,9 @@ DEFAULT_CASES = 40
 FULL_SIZE_EVERY = 5
 # Post-processing of the demo models' output: their few bone islands cleared (measured on full-size phantoms:
 # femur Dice 0.947 -> 0.980, tibia 0.922 -> 0.970), medial/lateral assigned by anatomy (see above), then the
-# cartilage boundaries moved to the image's edges at its native resolution: the nets run at 1.6 mm, so on a
-# full-size knee their cartilage is 0.86-0.88 Dice and 13-19 % thick in its worst subregion; refined,
-# 0.87-0.92 and 2.6-7.8 % (bench/analysis.py --model, four planes x two knees).
+# cartilage boundaries moved to the image's edges at its native resolution: the nets run at 1.6 mm and regress
+# to the thickness they learnt (subregion error 3.3-25.3 % median on 15 full-size knees); refined, 0.8-5.1 %
+# (bench/analysis.py --model --regions --cases).
 DEMO_POSTPROCESS = ("remove_bone_islands", "split_medial_lateral", "refine_cartilage")
 SLICE_WINDOW = 64  # px: the 2D net trains on windows of this size (a small phantom's whole plane)
 # Measured on the phantoms: 1200 iterations give every tissue a margin over the Dice thresholds; the cascade's
