@@ -137,6 +137,69 @@ def test_a_stray_piece_of_a_bone_label_does_not_tilt_the_frame(
         assert angle < 0.5, (axis, angle)
 
 
+def test_stray_cartilage_in_the_notch_does_not_move_the_landmarks(
+    medium: list[tuple[Phantom, dict[str, Any], np.ndarray | None]],
+) -> None:
+    """A model's stray femoral-cartilage voxels in the intercondylar notch (seen on a full-size sagittal left
+    knee: a sixth of a condyle's count per notch column) hid the gap between the condyles and put the
+    trochlear notch behind the condyles, so all femoral cartilage became "anterior"."""
+    ph, _, truth_map = medium[0]
+    labels = ph.labels.copy()
+    frame = knee_frame(labels, ph.spacing)
+    femoral = np.argwhere(labels == 4)
+    coords = frame.coordinates(femoral)
+    behind = femoral[(coords[:, 1] < 0) & (np.abs(coords[:, 0]) > 12)]  # the condyles' cartilage
+    # copies of one in twenty condylar cartilage voxels spread across the notch (|m| < 7 mm), kept behind: per
+    # millimetre of m about a sixth of a condyle's count, as the model left them
+    rng = np.random.default_rng(0)
+    chosen = behind[rng.random(len(behind)) < 0.05]
+    shift = rng.uniform(-7.0, 7.0, len(chosen)) - frame.coordinates(chosen)[:, 0]
+    moved = chosen * frame.spacing + np.outer(shift, frame.axes[0])
+    index = np.round(moved / frame.spacing).astype(int)
+    inside = np.all((index >= 0) & (index < labels.shape), axis=1)
+    index = index[inside]
+    labels[tuple(index.T)] = np.where(labels[tuple(index.T)] == 0, 4, labels[tuple(index.T)])
+    assert (labels == 4).sum() > (ph.labels == 4).sum() * 1.01, "too few strays to matter"
+    _, region_map = analyse_with_regions(labels, ph.spacing)
+    assert region_map is not None and truth_map is not None
+    original = ph.labels == 4
+    for name in ("femoral_anterior", "femoral_medial_central", "femoral_lateral_posterior"):
+        label = REGIONS_BY_NAME[name].label
+        dice = _dice((region_map == label) & original, truth_map == label)
+        assert dice >= 0.85, (name, round(dice, 3))
+
+
+def test_cartilage_pieces_off_the_femur_do_not_move_the_landmarks(
+    medium: list[tuple[Phantom, dict[str, Any], np.ndarray | None]],
+) -> None:
+    """Pieces a model calls femoral cartilage away from the femur (seen: 12,000 voxels at the tibia's level
+    behind the knee) pulled the condyles' posterior end 13 mm back and with it the weight-bearing boundary."""
+    from worker.subregions import assign_regions
+
+    ph = medium[0][0]
+    _, clean = assign_regions(ph.labels, ph.spacing)
+    labels = ph.labels.copy()
+    frame = knee_frame(labels, ph.spacing)
+    # the grid corner farthest behind the knee, a cube of background there called femoral cartilage
+    corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)]) * (
+        np.array(labels.shape) - 1
+    )
+    corner = corners[np.argmin(frame.coordinates(corners)[:, 1])]
+    side = round((0.05 * (labels == 4).sum()) ** (1 / 3))
+    block = tuple(
+        slice(0, side) if c == 0 else slice(n - side, n) for c, n in zip(corner, labels.shape, strict=True)
+    )
+    assert not (labels[block] > 0).any(), "the cube must lie in background"
+    labels[block] = 4
+    _, stray = assign_regions(labels, ph.spacing)
+    for name, value in clean["femoral_landmarks_mm"].items():
+        assert abs(stray["femoral_landmarks_mm"][name] - value) < 0.5, (
+            name,
+            value,
+            stray["femoral_landmarks_mm"],
+        )
+
+
 def test_region_volumes_are_the_map_counts(
     medium: list[tuple[Phantom, dict[str, Any], np.ndarray | None]],
 ) -> None:

@@ -20,8 +20,9 @@ Eckstein/Wirth's weight-bearing femoral subregions (cMF/cLF: 60 % of the distanc
 the posterior end of the condyle):
 
 * femoral cartilage (label 4): medial | lateral at the intercondylar notch (the centre of the gap between the
-  condyles' cartilage, behind the shaft axis); anterior (trochlea, 11) in front of the trochlear notch (the
-  most posterior cartilage in the notch columns); weight-bearing (12 medial, 13 lateral) from the notch back
+  condyles' cartilage, behind the shaft axis: bins under a quarter of the condyles' count); anterior
+  (trochlea, 11) in front of the trochlear notch (the most posterior cartilage in the notch columns in front
+  of the shaft axis); the landmarks come from the cartilage pieces that touch the femur; weight-bearing (12 medial, 13 lateral) from the notch back
   over ``WEIGHT_BEARING_FRACTION`` = 0.6 of the distance to the most posterior cartilage of that condyle;
   posterior (14, 15) behind. pymskt's extra rule (in the weight-bearing band, voxels high up the condyle count
   as posterior) is not applied: the boundary is a plane of the frame.
@@ -66,6 +67,9 @@ _BONE_STEP_MM = 1.5
 _EXTENT_PERCENTILES = (0.5, 99.5)
 #: The notch is looked for within this distance (mm) of the shaft axis.
 _NOTCH_SEARCH_MM = 25.0
+#: Share of the condyles' cartilage count (90th percentile of the m bins behind the axis) under which a bin is
+#: part of the gap between them.
+_NOTCH_GAP_FRACTION = 0.25
 
 REGION_METHOD = (
     "subregions in an anatomical frame from the segmented bones (superior: tibial to femoral shaft "
@@ -246,15 +250,41 @@ def _runs(empty: NDArray[np.bool_]) -> list[tuple[int, int]]:
     return list(zip(np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0], strict=True))
 
 
-def _femoral(coords: NDArray[np.float64], bin_mm: float) -> tuple[NDArray[np.uint8], dict[str, float]]:
-    """Femoral subregion labels of the cartilage voxels at *coords* (m, a, u), and the landmarks used."""
+def _on_bone(labels: NDArray[np.uint8], box: tuple[slice, ...], tissue: int, bone: int) -> NDArray[np.bool_]:
+    """For each *tissue* voxel in *box* (in :func:`_points`' order): whether its piece (26-connected) touches
+    *bone* across a face. A model's pieces of cartilage away from the bone are not what the landmarks are."""
+    import cc3d
+    from scipy import ndimage as ndi
+
+    grown = tuple(
+        slice(max(0, b.start - 1), min(n, b.stop + 1)) for b, n in zip(box, labels.shape, strict=True)
+    )
+    inner = tuple(slice(b.start - g.start, b.stop - g.start) for b, g in zip(box, grown, strict=True))
+    near_bone = ndi.binary_dilation(labels[grown] == bone)[inner]
+    mask = np.ascontiguousarray(labels[box] == tissue)
+    pieces = cc3d.connected_components(mask, connectivity=26)
+    touching = np.unique(pieces[near_bone & mask])
+    return np.isin(pieces[mask], touching)
+
+
+def _femoral(
+    coords: NDArray[np.float64], bin_mm: float, reference: NDArray[np.bool_]
+) -> tuple[NDArray[np.uint8], dict[str, float]]:
+    """Femoral subregion labels of the cartilage voxels at *coords* (m, a, u), and the landmarks used; the
+    landmarks come from the voxels marked in *reference* (the pieces on the femur)."""
     m, a = coords[:, 0], coords[:, 1]
+    if reference.sum() >= 3:
+        m_ref, a_ref = m[reference], a[reference]
+    else:
+        m_ref, a_ref = m, a
     # The notch: the gap between the condyles' cartilage behind the shaft axis, nearest the axis.
-    behind = m[(a < 0) & (np.abs(m) < _NOTCH_SEARCH_MM)]
+    behind = m_ref[(a_ref < 0) & (np.abs(m_ref) < _NOTCH_SEARCH_MM)]
     edges = np.arange(-_NOTCH_SEARCH_MM, _NOTCH_SEARCH_MM + bin_mm, bin_mm)
     counts, _ = np.histogram(behind, bins=edges)
     centres = 0.5 * (edges[:-1] + edges[1:])
-    empty = counts <= 0.02 * max(1, counts.max())
+    # A gap bin holds under NOTCH_GAP_FRACTION of the condyles' count: a model's stray voxels in the notch
+    # leave a sixth of it there (an empty-bin rule found no gap, and the notch landed on a condyle).
+    empty = counts <= _NOTCH_GAP_FRACTION * max(1.0, float(np.percentile(counts, 90)))
     runs = [r for r in _runs(empty) if r[0] > 0 and r[1] < len(counts)]  # a gap between two condyles
     if len(behind) == 0:
         m_notch, half = 0.0, bin_mm  # no condyles behind the shaft: the shaft axis
@@ -265,13 +295,19 @@ def _femoral(coords: NDArray[np.float64], bin_mm: float) -> tuple[NDArray[np.uin
     else:
         m_notch = float(centres[np.argmin(counts)]) if len(counts) else 0.0
         half = bin_mm
-    in_notch = np.abs(m - m_notch) <= half
-    a_notch = float(np.percentile(a[in_notch], 2)) if in_notch.sum() >= 3 else 0.0
-    medial = m > m_notch
+    in_notch = np.abs(m_ref - m_notch) <= half
+    # the trochlear notch: the posterior end of the trochlea's cartilage in the notch columns, in front of the
+    # shaft axis (stray voxels behind, between the condyles, are not trochlea)
+    trochlear = in_notch & (a_ref > 0)
+    if trochlear.sum() < 3:
+        trochlear = in_notch
+    a_notch = float(np.percentile(a_ref[trochlear], 2)) if trochlear.sum() >= 3 else 0.0
+    medial_ref = m_ref > m_notch
     a_post = {
-        side: float(np.percentile(a[mask], 0.5)) if mask.any() else a_notch
-        for side, mask in (("medial", medial), ("lateral", ~medial))
+        side: float(np.percentile(a_ref[mask], 0.5)) if mask.any() else a_notch
+        for side, mask in (("medial", medial_ref), ("lateral", ~medial_ref))
     }
+    medial = m > m_notch
     boundary = np.where(
         medial,
         a_notch + WEIGHT_BEARING_FRACTION * (a_post["medial"] - a_notch),
@@ -344,7 +380,7 @@ def assign_regions(
             continue
         coords = frame.coordinates(voxels)
         if tissue == _FEMORAL:
-            values, landmarks = _femoral(coords, bin_mm)
+            values, landmarks = _femoral(coords, bin_mm, _on_bone(small, box, _FEMORAL, _FEMUR))
             info["femoral_landmarks_mm"] = {k: round(v, 3) for k, v in landmarks.items()}
         elif tissue == _MEDIAL_TIBIAL:
             values = _thirds(
