@@ -22,10 +22,11 @@ the posterior end of the condyle):
 * femoral cartilage (label 4): medial | lateral at the intercondylar notch (the centre of the gap between the
   condyles' cartilage, behind the shaft axis: bins under a quarter of the condyles' count); anterior
   (trochlea, 11) in front of the trochlear notch (the most posterior cartilage in the notch columns in front
-  of the shaft axis); the landmarks come from the cartilage pieces that touch the femur; weight-bearing (12 medial, 13 lateral) from the notch back
-  over ``WEIGHT_BEARING_FRACTION`` = 0.6 of the distance to the most posterior cartilage of that condyle;
-  posterior (14, 15) behind. pymskt's extra rule (in the weight-bearing band, voxels high up the condyle count
-  as posterior) is not applied: the boundary is a plane of the frame.
+  of the shaft axis); weight-bearing (12 medial, 13 lateral) from the notch back over
+  ``WEIGHT_BEARING_FRACTION`` = 0.6 of the distance to the most posterior cartilage of that condyle;
+  posterior (14, 15) behind. The landmarks come from the cartilage pieces that touch the femur. pymskt's
+  extra rule (in the weight-bearing band, voxels high up the condyle count as posterior) is not applied: the
+  boundary is a plane of the frame.
 * tibial cartilage (labels 5, 6): anterior / central / posterior thirds of each plateau's extent along ``a``
   (0.5th to 99.5th percentile of its voxels, so stray voxels do not move it).
 * patellar cartilage (label 7): medial (31) | lateral (32) facet at the cartilage's centre of mass along ``m``.
