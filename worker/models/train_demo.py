@@ -70,7 +70,7 @@ FULL_SIZE_EVERY = 5
 # Post-processing of the demo models' output: their few bone islands cleared (measured on full-size phantoms:
 # femur Dice 0.947 -> 0.980, tibia 0.922 -> 0.970), medial/lateral assigned by anatomy (see above), then the
 # cartilage boundaries moved to the image's edges at its native resolution: the nets run at 1.6 mm and regress
-# to the thickness they learnt (subregion error 3.3-25.3 % median on 15 full-size knees); refined, 0.8-5.1 %
+# to the thickness they learnt (subregion error 3.3-25.3 % median on 16 full-size knees); refined, 0.8-5.1 %
 # (bench/analysis.py --model --regions --cases).
 DEMO_POSTPROCESS = ("remove_bone_islands", "split_medial_lateral", "refine_cartilage")
 SLICE_WINDOW = 64  # px: the 2D net trains on windows of this size (a small phantom's whole plane)
