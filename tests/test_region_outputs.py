@@ -535,3 +535,40 @@ def test_a_job_remembers_its_result_and_the_next_visit_gets_the_change(
     assert sorted(p.name for p in plain.files) == [
         f"thickness_{m.name}.png" for m in sorted(MAPS, key=lambda m: m.name)
     ]
+
+
+def test_job_maps_draw_the_analysis_faces_and_a_stray_piece_does_not_unroll_them_edge_on() -> None:
+    """The pipeline's analysis (in its own process) hands its per-face thickness back for the maps, and a
+    model's stray femoral cartilage far behind the tibia (seen through the demo model on a full-size knee)
+    does not pull the unrolling axis below the condyles: the sheet stays whole instead of wrapping at ±180°."""
+    from worker.analysis_process import start_analysis
+
+    ph = generate(seed=5, size="medium", orientation="sagittal", laterality="L")
+    labels = ph.labels.copy()
+    femoral = np.argwhere(labels == 4)
+    # A 14 mm cube of "femoral cartilage" 45 mm below and 30 mm behind the sheet's centre, in background.
+    centre_lps = ph.affine_lps[:3, :3] @ femoral.mean(axis=0) + ph.affine_lps[:3, 3]
+    stray_lps = centre_lps + np.array([0.0, 30.0, -45.0])
+    stray = np.linalg.solve(ph.affine_lps[:3, :3], stray_lps - ph.affine_lps[:3, 3]).round().astype(int)
+    half = np.ceil(7.0 / np.asarray(ph.spacing)).astype(int)
+    box = tuple(slice(c - h, c + h) for c, h in zip(stray, half, strict=True))
+    assert np.all(stray - half >= 0) and np.all(stray + half <= labels.shape)
+    labels[box][labels[box] == 0] = 4
+    assert np.count_nonzero(labels == 4) > 1.1 * len(femoral)  # the piece is a real share of the sheet
+
+    analysis = start_analysis(labels, ph.spacing)
+    m = analysis.result()
+    assert sorted(analysis.faces) == [4, 5, 6, 7]
+    by_face = {x.spec.name: x for x in thickness_maps(labels, ph.affine_lps, faces=analysis.faces)}
+    femoral_map = by_face["femoral"]
+    assert np.nanmedian(femoral_map.thickness_mm) == pytest.approx(
+        m["tissues"]["femoral_cartilage"]["thickness_mm"]["median"], rel=0.03
+    )
+    proxy = {x.spec.name: x for x in thickness_maps(labels, ph.affine_lps)}["femoral"]
+    for drawn in (femoral_map, proxy):
+        top, bottom = drawn.extent[2], drawn.extent[3]
+        assert top < 170 and bottom > -170, drawn.extent  # distal (0°) inside, not cut at ±180°
+    # The faces are the sheet's on the femur: the stray (a 14 mm thick blob to the proxy) is not drawn.
+    assert (
+        np.nanmax(femoral_map.thickness_mm) < 1.5 * m["tissues"]["femoral_cartilage"]["thickness_mm"]["p95"]
+    )

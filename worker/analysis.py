@@ -63,7 +63,9 @@ __all__ = [
     "UNITS",
     "VOLUME_METHOD",
     "FaceThickness",
+    "KneeAnalysis",
     "analyse",
+    "analyse_knee",
     "analyse_with_regions",
     "cartilage_thickness",
     "face_thickness",
@@ -587,14 +589,29 @@ def _trace_to(
     return length, still_open
 
 
+class KneeAnalysis(NamedTuple):
+    """What :func:`analyse_knee` found: the measurements, the subregion map (None without a knee frame) and
+    the per-face thickness of each measured cartilage sheet by label (what the thickness maps draw)."""
+
+    measurements: dict[str, Any]
+    region_map: NDArray[np.uint8] | None
+    faces: dict[int, FaceThickness]
+
+
 def analyse(labels: NDArray[Any], spacing: Sequence[float]) -> dict[str, Any]:
-    """:func:`analyse_with_regions` without the subregion map: the measurements only."""
-    return analyse_with_regions(labels, spacing)[0]
+    """:func:`analyse_knee`'s measurements only."""
+    return analyse_knee(labels, spacing).measurements
 
 
 def analyse_with_regions(
     labels: NDArray[Any], spacing: Sequence[float]
 ) -> tuple[dict[str, Any], NDArray[np.uint8] | None]:
+    """:func:`analyse_knee`'s measurements and subregion map."""
+    found = analyse_knee(labels, spacing)
+    return found.measurements, found.region_map
+
+
+def analyse_knee(labels: NDArray[Any], spacing: Sequence[float]) -> KneeAnalysis:
     """Volumes of the tissues present in *labels* and thickness of the cartilage sheets among them.
 
     Parameters
@@ -606,7 +623,7 @@ def analyse_with_regions(
 
     Returns
     -------
-    tuple[dict, numpy.ndarray | None]
+    KneeAnalysis
         The measurements, JSON-serialisable: ``units``, ``spacing_mm``, ``voxel_volume_mm3``, ``method``
         (the volume, thickness and subregion methods in words, with their parameters), ``tissues``, keyed by
         tissue name in label order, for the tissues present only: ``label``, ``display_name``, ``voxels``,
@@ -615,7 +632,8 @@ def analyse_with_regions(
         of :data:`openmsk.regions.REGIONS` by name (:func:`_region_entries`), with ``region_frame`` (the
         anatomical frame and landmarks). Labels that are not in the tissue table are counted under
         ``unknown_labels`` and otherwise ignored. Second, the subregion label map (uint8, the shape of
-        *labels*), or None when the knee's frame could not be built (each region then says why).
+        *labels*), or None when the knee's frame could not be built (each region then says why). Third, the
+        per-face thickness (:class:`FaceThickness`) of each cartilage sheet that touches its bone.
     """
     from scipy import ndimage as ndi
 
@@ -690,7 +708,7 @@ def analyse_with_regions(
         result["region_frame"] = {k: v for k, v in frame.items() if k != "voxels"}
     if unknown:
         result["unknown_labels"] = unknown
-    return result, region_map
+    return KneeAnalysis(result, region_map, {k: v for k, v in faces.items() if v is not None})
 
 
 #: A subregion's thickness needs at least this many measured interface faces.

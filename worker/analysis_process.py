@@ -22,7 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from openmsk.managed.process import die_with_parent
-from worker.analysis import analyse_with_regions
+from worker.analysis import FaceThickness, KneeAnalysis, analyse_knee
 
 log = logging.getLogger("openmsk.worker")
 
@@ -52,15 +52,16 @@ def _reset() -> None:
 class Analysis:
     """One analysis under way; :meth:`result` gives the measurements (as :func:`worker.analysis.analyse`),
     after which :attr:`region_map` holds the cartilage subregion map (None when the knee's frame could not
-    be built; the measurements say why)."""
+    be built; the measurements say why) and :attr:`faces` the per-face thickness the maps draw."""
 
     def __init__(self, labels: NDArray[Any], spacing: Sequence[float]) -> None:
         self._labels = labels
         self._spacing = tuple(float(s) for s in spacing)
-        self._future: Future[tuple[dict[str, Any], NDArray[np.uint8] | None]] | None
+        self._future: Future[KneeAnalysis] | None
         self.region_map: NDArray[np.uint8] | None = None
+        self.faces: dict[int, FaceThickness] = {}
         try:
-            self._future = _executor().submit(analyse_with_regions, np.asarray(labels), self._spacing)
+            self._future = _executor().submit(analyse_knee, np.asarray(labels), self._spacing)
         except (BrokenProcessPool, RuntimeError, OSError) as exc:
             log.warning("analysis process unavailable (%s): analysing in this thread", exc)
             _reset()
@@ -69,13 +70,15 @@ class Analysis:
     def result(self) -> dict[str, Any]:
         if self._future is not None:
             try:
-                measurements, self.region_map = self._future.result()
-                return measurements
+                return self._keep(self._future.result())
             except BrokenProcessPool as exc:
                 log.warning("analysis process lost (%s): analysing in this thread", exc)
                 _reset()
-        measurements, self.region_map = analyse_with_regions(self._labels, self._spacing)
-        return measurements
+        return self._keep(analyse_knee(self._labels, self._spacing))
+
+    def _keep(self, found: KneeAnalysis) -> dict[str, Any]:
+        self.region_map, self.faces = found.region_map, found.faces
+        return found.measurements
 
 
 def start_analysis(labels: NDArray[Any], spacing: Sequence[float]) -> Analysis:

@@ -189,8 +189,7 @@ def segment_volume(
         out_dir,
         dicom_outputs=dicom_outputs,
         labelmap=labelmap_seg,
-        # The analysis' per-face thickness, once its process hands it back (else the maps' own proxy).
-        faces=getattr(analysis, "faces", None),
+        faces=analysis.faces,  # the maps draw the values the report summarises
     )
     outputs.files.extend(region_out.files)
     outputs.dicom.extend(DicomResult(*item) for item in region_out.dicom)
