@@ -151,7 +151,7 @@ EVENT_CODES: dict[Kind, tuple[str, str, tuple[str, str] | None]] = {
 
 IMPORT_CODES = ("110107", "Import", None)  # a job made from an upload
 
-RejectReason = Literal["called-ae", "calling-ae", "no-space"]
+RejectReason = Literal["called-ae", "calling-ae", "no-space", "association-limit"]
 SignInFailure = Literal["wrong-credentials", "wrong-token"]
 
 

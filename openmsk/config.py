@@ -91,7 +91,15 @@ class Settings(BaseSettings):
     scp_max_associations: int = Field(
         10,
         ge=1,
-        description="associations (>= 1) the SCP serves at once; more are rejected as local-limit-exceeded",
+        description="associations (>= 1) the SCP serves at once, all receiver processes together; more are "
+        "rejected as local-limit-exceeded",
+    )
+    scp_processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="receiver processes (1-64) sharing the SCP port (SO_REUSEPORT); 1: the SCP receives in "
+        "its own process",
     )
     scp_tls_cert: Path | None = Field(
         None, description="a PEM certificate file; with OPENMSK_SCP_TLS_KEY the SCP accepts DICOM TLS only"

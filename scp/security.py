@@ -22,6 +22,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service-user, calling-AE-title-not-recognized
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service-user, called-AE-title-not-recognized
 REJECT_NO_SPACE = (0x02, 0x03, 0x01)  # transient, service-provider (presentation), temporary-congestion
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # transient, service-provider (presentation), local-limit-exceeded
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from scp.routing import RoutingError, RoutingRules, resolve_default_model
 from scp.security import (
     REJECT_CALLED_AE,
     REJECT_CALLING_AE,
+    REJECT_LOCAL_LIMIT,
     REJECT_NO_SPACE,
     DiskGuard,
     parse_allowlist,
@@ -86,6 +87,7 @@ class AssociationStats:
     address: str
     calling_ae: str = ""
     accepted: bool = True
+    admitted: bool = False  # counted by Receiver._admit (released by _leave when it ends)
     release_requested: bool = False
     started: float = field(default_factory=time.monotonic)
     stored: int = 0
@@ -94,53 +96,62 @@ class AssociationStats:
     series: set[str] = field(default_factory=set)
 
 
-class StorageSCP:
-    """The node's DICOM receiver. ``start()`` binds and returns; ``stop()`` shuts everything down in order."""
+class Receiver:
+    """The receiving half of the SCP: the AE, its event handlers and the instance store.
 
-    def __init__(self, settings: Settings, rules: RoutingRules | None = None, fast_path: bool = True) -> None:
-        if settings.series_timeout_s < settings.series_quiet_s:
-            raise ConfigError(
-                f"{env_name('series_timeout_s')}={settings.series_timeout_s} is invalid: expected "
-                f"{Settings.model_fields['series_timeout_s'].description}"
-            )
-        if not settings.redis_url:
-            raise ConfigError(f"{env_name('redis_url')} is unset: the SCP queues jobs in Redis")
+    It reports every stored instance and every ended association to ``self.tracker`` (a
+    :class:`CompletionTracker`, or in a receiver process of :mod:`scp.receivers` a link to the parent's).
+    :class:`StorageSCP` is one, with everything else of the node's SCP around it.
+    """
+
+    settings: Settings
+    tracker: Any
+
+    def _init_receiving(self, settings: Settings, fast_path: bool) -> None:
         self.settings = settings
         self.fast_path = fast_path  # False: all through pynetdicom's stock path (the tests compare both)
         self.data_dir = settings.data_path
         self.allowlist = parse_allowlist(settings.scp_allowed_calling_aes)
         self.tls = tls_context(settings)
-        self.rules = rules if rules is not None else load_rules(settings)
-        self.disk = DiskGuard(self.data_dir, settings.min_free_disk_mb)
+
+    def _init_store(self) -> None:
+        self.disk = DiskGuard(self.data_dir, self.settings.min_free_disk_mb)
         self.store = InstanceStore(self.data_dir)
-        self.tracker = CompletionTracker(settings.series_quiet_s, settings.series_timeout_s)
-        try:
-            destinations = load_destinations(settings)
-        except ValueError as exc:
-            raise ConfigError(f"{env_name('destinations')}: {exc}") from None
-        self.forwarder = Forwarder(self.data_dir, destinations, settings.redis_url)
-        self.dispatcher = Dispatcher(
-            self.data_dir,
-            self.store,
-            self.rules,
-            settings.redis_url,
-            forwarder=self.forwarder,
-            archive_default=["orthanc"] if "orthanc" in destinations else [],
-            objects=store_for(settings),
-        )
-        self.audit = audit.AuditLog(self.data_dir)
-        self.dispatcher.jobs.audit = self.audit  # job-created lines of SCP jobs go to this node's audit log
-        self._retry_dispatch: dict[str, tuple[PendingSeries, float]] = {}  # series UID -> (series, due)
+
+    def _init_handlers(self) -> None:
         self.ae = self._make_ae()
         self.server: Any = None
         self._associations: dict[int, AssociationStats] = {}
         self._next_id = 0
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._completion_thread: threading.Thread | None = None
-        self.completed: list[DispatchResult] = []  # recent dispatch results (for tests and the benchmark)
 
-    # ------------------------------------------------------------------------------------------- lifecycle
+    def _admit(self) -> bool:
+        """Room for one more association? pynetdicom counts those of this process; receivers share a total."""
+        return True
+
+    def _leave(self) -> None:
+        """An association :meth:`_admit` let in is over."""
+
+    def _listen(self, port: int, server_class: Any = None) -> Any:
+        """Start pynetdicom's threaded server on ``port`` with this object's handlers; returns the server."""
+        handlers = [
+            (evt.EVT_CONN_OPEN, self.handle_conn_open),
+            (evt.EVT_REQUESTED, self.handle_requested),
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_ACSE_RECV, self.handle_acse_recv),
+            (evt.EVT_CONN_CLOSE, self.handle_conn_close),
+        ]
+        address = (self.settings.scp_host, port)
+        if server_class is None:
+            return self.ae.start_server(address, block=False, evt_handlers=handlers, ssl_context=self.tls)
+        server = self.ae.make_server(
+            address, evt_handlers=handlers, ssl_context=self.tls, server_class=server_class
+        )
+        thread = threading.Thread(target=server.serve_forever, name="scp-acceptor", daemon=True)
+        thread.start()
+        self.ae._servers.append(server)  # so that ae.shutdown() stops it, as with start_server()
+        return server
 
     def _make_ae(self) -> AE:
         _config.LOG_HANDLER_LEVEL = "none"  # pynetdicom's per-message debug handlers cost ~1 ms per instance
@@ -157,73 +168,6 @@ class StorageSCP:
         ae.acse_timeout = 30
         ae.dimse_timeout = self.settings.scp_network_timeout_s
         return ae
-
-    def start(self) -> StorageSCP:
-        """Recover what a previous run left, then listen. Raises ``OSError`` if the port cannot be bound."""
-        recovered, deleted = self.store.recover_partial()
-        if recovered or deleted:
-            LOG.info(
-                "after an unclean stop: %d instance(s) moved into place, %d unfinished file(s) removed",
-                recovered,
-                deleted,
-            )
-        self.store.start()
-        restored = self._restore_pending()
-        self.dispatcher.start()
-        self.forwarder.start()
-        self._completion_thread = threading.Thread(
-            target=self._complete_series, name="scp-completion", daemon=True
-        )
-        self._completion_thread.start()
-        handlers = [
-            (evt.EVT_CONN_OPEN, self.handle_conn_open),
-            (evt.EVT_REQUESTED, self.handle_requested),
-            (evt.EVT_C_ECHO, self.handle_echo),
-            (evt.EVT_C_STORE, self.handle_store),
-            (evt.EVT_ACSE_RECV, self.handle_acse_recv),
-            (evt.EVT_CONN_CLOSE, self.handle_conn_close),
-        ]
-        self.server = self.ae.start_server(
-            (self.settings.scp_host, self.settings.scp_port),
-            block=False,
-            evt_handlers=handlers,
-            ssl_context=self.tls,
-        )
-        LOG.info(
-            "SCP %s listening on %s:%d%s%s; %d series from an earlier run re-evaluated",
-            self.settings.scp_ae_title,
-            self.settings.scp_host,
-            self.port,
-            " (TLS)" if self.tls else "",
-            f", {len(self.allowlist.entries)} allowed calling AE(s)" if self.allowlist.enabled else "",
-            restored,
-        )
-        return self
-
-    @property
-    def port(self) -> int:
-        return int(self.server.server_address[1]) if self.server else self.settings.scp_port
-
-    def stop(self) -> None:
-        """Stop listening, end open associations, let pending series wait for the next start, stop threads."""
-        self._stopping.set()
-        if self.server is not None:
-            self.server.shutdown()  # also aborts the associations it spawned
-            self.server = None
-        self.ae.shutdown()
-        self.tracker.wake()
-        if self._completion_thread is not None:
-            self._completion_thread.join(timeout=5)
-        self.forwarder.stop()
-        self.dispatcher.stop()
-        self.store.close()
-        LOG.info("SCP stopped")
-
-    def __enter__(self) -> StorageSCP:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # ------------------------------------------------------------------------------------ event handlers
 
@@ -273,6 +217,17 @@ class StorageSCP:
             self._audit_association(calling, called, address, "no-space")
             reject(assoc, REJECT_NO_SPACE)
             return
+        if not self._admit():
+            LOG.warning(
+                "rejected %s from %s: %d associations open (OPENMSK_SCP_MAX_ASSOCIATIONS)",
+                calling,
+                address,
+                self.settings.scp_max_associations,
+            )
+            self._audit_association(calling, called, address, "association-limit")
+            reject(assoc, REJECT_LOCAL_LIMIT)
+            return
+        stats.admitted = True
         stats.accepted = True
         self._audit_association(calling, called, address, None)
 
@@ -346,10 +301,13 @@ class StorageSCP:
             return self._refuse(
                 stats, OUT_OF_RESOURCES, "out of disk space" if full else "cannot write to disk"
             )
+        try:  # before Success: nothing acknowledged is unknown to the tracker
+            self.tracker.instance_stored(stats.ident, header, calling, called)
+        except OSError:  # a receiver process whose parent is gone: the file waits for the next start
+            return self._refuse(stats, OUT_OF_RESOURCES, "the SCP is restarting")
         stats.stored += 1
         stats.bytes += len(raw)
         stats.series.add(header.series_uid)
-        self.tracker.instance_stored(stats.ident, header, calling, called)
         return SUCCESS, None
 
     def _refuse(self, stats: AssociationStats, status: int, comment: str) -> tuple[int, str]:
@@ -371,6 +329,8 @@ class StorageSCP:
             if self._associations.pop(stats.ident, None) is None:
                 return  # reported already
         released = stats.release_requested and not assoc.is_aborted
+        if stats.admitted:
+            self._leave()
         self.tracker.association_ended(stats.ident, released)
         if not stats.accepted:
             return
@@ -386,6 +346,122 @@ class StorageSCP:
             len(stats.series),
             stats.bytes / 1e6,
         )
+
+
+class StorageSCP(Receiver):
+    """The node's DICOM receiver. ``start()`` binds and returns; ``stop()`` shuts everything down in order.
+
+    With ``OPENMSK_SCP_PROCESSES`` above 1 the receiving runs in that many child processes on the same port
+    (:mod:`scp.receivers`); this object keeps the tracker, dispatcher, forwarder and timers, fed by them.
+    """
+
+    def __init__(self, settings: Settings, rules: RoutingRules | None = None, fast_path: bool = True) -> None:
+        if settings.series_timeout_s < settings.series_quiet_s:
+            raise ConfigError(
+                f"{env_name('series_timeout_s')}={settings.series_timeout_s} is invalid: expected "
+                f"{Settings.model_fields['series_timeout_s'].description}"
+            )
+        if not settings.redis_url:
+            raise ConfigError(f"{env_name('redis_url')} is unset: the SCP queues jobs in Redis")
+        self._init_receiving(settings, fast_path)
+        self.rules = rules if rules is not None else load_rules(settings)
+        self._init_store()
+        self.tracker = CompletionTracker(settings.series_quiet_s, settings.series_timeout_s)
+        try:
+            destinations = load_destinations(settings)
+        except ValueError as exc:
+            raise ConfigError(f"{env_name('destinations')}: {exc}") from None
+        self.forwarder = Forwarder(self.data_dir, destinations, settings.redis_url)
+        self.dispatcher = Dispatcher(
+            self.data_dir,
+            self.store,
+            self.rules,
+            settings.redis_url,
+            forwarder=self.forwarder,
+            archive_default=["orthanc"] if "orthanc" in destinations else [],
+            objects=store_for(settings),
+        )
+        self.audit = audit.AuditLog(self.data_dir)
+        self.dispatcher.jobs.audit = self.audit  # job-created lines of SCP jobs go to this node's audit log
+        self._retry_dispatch: dict[str, tuple[PendingSeries, float]] = {}  # series UID -> (series, due)
+        self._init_handlers()
+        self.pool: Any = None  # the receiver processes (scp.receivers.ReceiverPool) when there are several
+        self._stopping = threading.Event()
+        self._completion_thread: threading.Thread | None = None
+        self.completed: list[DispatchResult] = []  # recent dispatch results (for tests and the benchmark)
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> StorageSCP:
+        """Recover what a previous run left, then listen. Raises ``OSError`` if the port cannot be bound."""
+        recovered, deleted = self.store.recover_partial()
+        if recovered or deleted:
+            LOG.info(
+                "after an unclean stop: %d instance(s) moved into place, %d unfinished file(s) removed",
+                recovered,
+                deleted,
+            )
+        processes = self.settings.scp_processes
+        if processes == 1:
+            self.store.start()
+        restored = self._restore_pending()
+        self.dispatcher.start()
+        self.forwarder.start()
+        self._completion_thread = threading.Thread(
+            target=self._complete_series, name="scp-completion", daemon=True
+        )
+        self._completion_thread.start()
+        if processes == 1:
+            self.server = self._listen(self.settings.scp_port)
+        else:
+            from scp.receivers import ReceiverPool
+
+            self.pool = ReceiverPool(self)
+            try:
+                self.pool.start()
+            except OSError:
+                self.stop()
+                raise
+        LOG.info(
+            "SCP %s listening on %s:%d%s%s%s; %d series from an earlier run re-evaluated",
+            self.settings.scp_ae_title,
+            self.settings.scp_host,
+            self.port,
+            f" ({processes} receiver processes)" if processes > 1 else "",
+            " (TLS)" if self.tls else "",
+            f", {len(self.allowlist.entries)} allowed calling AE(s)" if self.allowlist.enabled else "",
+            restored,
+        )
+        return self
+
+    @property
+    def port(self) -> int:
+        if self.pool is not None:
+            return self.pool.port
+        return int(self.server.server_address[1]) if self.server else self.settings.scp_port
+
+    def stop(self) -> None:
+        """Stop listening, end open associations, let pending series wait for the next start, stop threads."""
+        self._stopping.set()
+        if self.pool is not None:
+            self.pool.stop()  # the receivers first: what they stored is reported before the rest stops
+        if self.server is not None:
+            self.server.shutdown()  # also aborts the associations it spawned
+            self.server = None
+        self.ae.shutdown()
+        self.tracker.wake()
+        if self._completion_thread is not None:
+            self._completion_thread.join(timeout=5)
+        self.forwarder.stop()
+        self.dispatcher.stop()
+        self.store.close()
+        LOG.info("SCP stopped")
+
+    def __enter__(self) -> StorageSCP:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     # ------------------------------------------------------------------------------------------ completion
 

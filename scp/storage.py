@@ -570,13 +570,17 @@ class InstanceStore:
             if len(self._known_dirs) > 10_000:
                 self._known_dirs.clear()
 
-    def recover_partial(self) -> tuple[int, int]:
+    def recover_partial(self, pid: int | None = None) -> tuple[int, int]:
         """After a crash: move complete files from ``.partial/`` into place, delete the rest.
 
-        Returns ``(recovered, deleted)``. Run before anything else writes.
+        Returns ``(recovered, deleted)``. Run before anything else writes — or, with ``pid``, for the files
+        of that (dead) process only: every temporary file and spare carries its writer's pid, so the files
+        of other receiver processes writing meanwhile are left alone.
         """
         recovered = deleted = 0
         for path in sorted(self.partial.iterdir()):
+            if pid is not None and _writer_pid(path.name) != pid:
+                continue
             target = self._recoverable(path)
             if target is None:
                 path.unlink(missing_ok=True)
@@ -660,6 +664,17 @@ class InstanceStore:
             for series in sorted(study.iterdir()):
                 if series.is_dir() and is_valid_uid(series.name):
                     yield study.name, series.name
+
+
+def _writer_pid(name: str) -> int | None:
+    """The pid in a ``.partial/`` name: ``spare.<pid>.<thread>.<n>`` or ``<SOP>.<crc32>.<pid>.<n>``."""
+    if name.startswith("spare."):
+        parts = name.split(".")
+        text = parts[1] if len(parts) == 4 else ""
+    else:
+        parts = name.rsplit(".", 3)
+        text = parts[2] if len(parts) == 4 else ""
+    return int(text) if text.isdigit() else None
 
 
 def _write_all(fd: int, chunks: list[bytes | memoryview]) -> None:
