@@ -24,7 +24,11 @@ files/s), and one ``syncfs`` per batch of waiting files ("group commit") was slo
 node does not do that.
 
     .venv/bin/python bench/ingest.py [--instances 500] [--rounds 3] [--senders 4] [--legacy] [--profile]
-        [--no-orthanc]
+        [--no-orthanc] [--processes N]
+
+``--processes N`` (N > 1) runs a second node SCP with ``OPENMSK_SCP_PROCESSES=N`` (N receiver processes on
+one port) in the same rounds, the two nodes taking turns at going first, and prints its ratios beside those of
+the one-process node.
 
 ``--profile`` runs the node SCP inside this process instead, under cProfile (every thread), and prints where
 the time goes; ``--no-fsync`` (diagnostic only) runs it in-process without its fsync, to separate the disk's
@@ -192,9 +196,10 @@ def clear_incoming(node_data: Path) -> None:
         path.unlink()
 
 
-def node_env(data_dir: Path, redis_url: str, port: int) -> dict[str, str]:
+def node_env(data_dir: Path, redis_url: str, port: int, processes: int = 1) -> dict[str, str]:
     return {
         **ENV,
+        "OPENMSK_SCP_PROCESSES": str(processes),
         "OPENMSK_DATA_DIR": str(data_dir),
         "OPENMSK_REDIS_URL": redis_url,
         "OPENMSK_SCP_HOST": "127.0.0.1",
@@ -223,6 +228,12 @@ def main() -> int:
         "--legacy",
         action="store_true",
         help="also time an in-process node SCP with the old writes (empty spares, one fsync each), side by side",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="also time a node with this many receiver processes (OPENMSK_SCP_PROCESSES), same rounds",
     )
     parser.add_argument("--workdir", type=Path, help="where to put data (default: a temporary folder)")
     parser.add_argument(
@@ -280,6 +291,17 @@ def run(args: argparse.Namespace, work: Path) -> int:
                 log=work / "node.log",
                 cwd=Path(__file__).resolve().parents[1],
             )
+        multi_proc = None
+        multi_port = free_port()
+        multi_data = work / "node-multi"
+        if args.processes > 1:
+            multi_proc = spawn(
+                [sys.executable, "-m", "scp"],
+                # its own Redis database: the completion latency reads the first node's job
+                env=node_env(multi_data, redis_server.url[:-1] + "1", multi_port, args.processes),
+                log=work / "node-multi.log",
+                cwd=Path(__file__).resolve().parents[1],
+            )
         legacy = None
         if args.legacy:
             from openmsk.config import load_settings
@@ -303,6 +325,9 @@ def run(args: argparse.Namespace, work: Path) -> int:
         try:
             wait_until(lambda: port_open(dcmtk_port), 15, "storescp")
             wait_until(lambda: port_open(node_port), 30, "node SCP")
+            if multi_proc is not None:
+                wait_until(lambda: port_open(multi_port), 60, "node SCP with receiver processes")
+            multi = f"node p{args.processes}"
             parts = split(source, args.senders) if args.senders > 1 else []
             times: dict[str, list[float]] = {"node": [], "storescp": [], "node xN": [], "storescp xN": []}
             latency = None
@@ -311,8 +336,14 @@ def run(args: argparse.Namespace, work: Path) -> int:
                 dcmtk_out.mkdir()
                 clear_incoming(node_data)  # both start each round on an empty folder
                 times["storescp"].append(send(source, dcmtk_port, "ANY-SCP"))
-                times["node"].append(send(source, node_port, "OPENMSK"))
-                acked = time.time()
+                nodes = [("node", node_port, node_data)]
+                if multi_proc is not None:  # take turns at going first
+                    nodes.insert(round_index % 2, (multi, multi_port, multi_data))
+                for name, port, data in nodes:
+                    clear_incoming(data)
+                    times.setdefault(name, []).append(send(source, port, "OPENMSK"))
+                    if name == "node":
+                        acked = time.time()
                 if orthanc is not None:
                     empty_orthanc(orthanc)  # a resent instance it already has would be cheaper
                     times.setdefault("orthanc", []).append(send(source, orthanc.dicom_port, orthanc.aet))
@@ -323,19 +354,22 @@ def run(args: argparse.Namespace, work: Path) -> int:
                     queued = wait_for_job(store)
                     latency = None if queued is None else queued - acked
                 line = f"round {round_index + 1}: " + ", ".join(
-                    f"{name} {times[name][-1]:.2f} s" for name in ("node", "storescp")
+                    f"{name} {times[name][-1]:.2f} s" for name, _, _ in [*nodes, ("storescp", 0, 0)]
                 )
                 if parts:
                     shutil.rmtree(dcmtk_out, ignore_errors=True)
                     dcmtk_out.mkdir()
                     clear_incoming(node_data)
                     times["storescp xN"].append(send_parallel(parts, dcmtk_port, "ANY-SCP"))
-                    times["node xN"].append(send_parallel(parts, node_port, "OPENMSK"))
+                    for name, port, data in nodes:
+                        clear_incoming(data)
+                        times.setdefault(f"{name} xN", []).append(send_parallel(parts, port, "OPENMSK"))
                     if legacy is not None:
                         clear_incoming(work / "legacy")
                         times.setdefault("legacy xN", []).append(send_parallel(parts, legacy.port, "OPENMSK"))
                     line += f"; x{args.senders}: " + ", ".join(
-                        f"{name[:-3]} {times[name][-1]:.2f} s" for name in ("node xN", "storescp xN")
+                        f"{name} {times[f'{name} xN'][-1]:.2f} s"
+                        for name, _, _ in [*nodes, ("storescp", 0, 0)]
                     )
                 print(line, flush=True)
         finally:
@@ -344,6 +378,8 @@ def run(args: argparse.Namespace, work: Path) -> int:
             else:
                 stop(node_proc)
             stop(storescp)
+            if multi_proc is not None:
+                stop(multi_proc)
             if legacy is not None:
                 legacy.stop()
             if orthanc is not None:
@@ -365,6 +401,13 @@ def run(args: argparse.Namespace, work: Path) -> int:
     if "node xN" in medians:
         ratio = medians["storescp xN"] / medians["node xN"]
         print(f"ratio node/storescp, {args.senders} concurrent associations: {ratio:.2f}  (target >= 0.9)")
+    for suffix, label, target in (("", "one association", 0.7), (" xN", f"{args.senders} concurrent", 0.9)):
+        if f"node p{args.processes}{suffix}" in medians:
+            ratio = medians[f"storescp{suffix}"] / medians[f"node p{args.processes}{suffix}"]
+            print(
+                f"ratio node with {args.processes} receiver processes/storescp, {label}: {ratio:.2f}  "
+                f"(target >= {target})"
+            )
     if "orthanc" in medians:
         ratio = medians["orthanc"] / medians["node"]
         print(f"ratio node/Orthanc (storescu -> Orthanc, one association): {ratio:.2f}")
