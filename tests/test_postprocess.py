@@ -1,5 +1,5 @@
-"""The registry's post-processing steps on canonical labels: bone islands cleared, compartments assigned by
-anatomy."""
+"""The registry's post-processing steps on canonical labels: bone islands and cartilage off its bone
+cleared, compartments assigned by anatomy."""
 
 from __future__ import annotations
 
@@ -8,10 +8,18 @@ import pytest
 
 from openmsk.labels import BY_NAME
 from openmsk.phantom import generate
-from worker.models.segmenter import bone_islands_removed, split_medial_lateral, to_canonical
+from worker.models.segmenter import (
+    bone_islands_removed,
+    cartilage_islands_removed,
+    split_medial_lateral,
+    to_canonical,
+)
 
 FEMUR, TIBIA, PATELLA = (BY_NAME[n].label for n in ("femur", "tibia", "patella"))
 FEMORAL_CARTILAGE = BY_NAME["femoral_cartilage"].label
+TIBIAL_CARTILAGE = BY_NAME["medial_tibial_cartilage"].label
+PATELLAR_CARTILAGE = BY_NAME["patellar_cartilage"].label
+MENISCUS = BY_NAME["medial_meniscus"].label
 
 
 def test_small_bone_islands_are_cleared_and_large_pieces_kept() -> None:
@@ -86,3 +94,49 @@ def test_islands_agree_with_scipy_per_bone_labelling(order: str) -> None:
     assert out is work
     assert np.array_equal(work, expected)
     assert (expected != labels).sum() > 50  # the specks were there to clear
+
+
+def _layout(labels: np.ndarray, order: str) -> np.ndarray:
+    if order == "strided":
+        big = np.zeros((labels.shape[0] * 2, *labels.shape[1:]), dtype=np.uint8)
+        big[::2] = labels
+        return big[::2]
+    return labels.copy(order=order)
+
+
+@pytest.mark.parametrize("order", ["C", "F", "strided"])
+def test_cartilage_off_its_bone_is_cleared_and_large_pieces_kept(order: str) -> None:
+    labels = np.zeros((48, 40, 36), dtype=np.uint8)
+    labels[4:24, 4:36, 4:32] = FEMUR
+    labels[24:26, 4:36, 4:32] = FEMORAL_CARTILAGE  # the sheet on the femur: 1,792 voxels
+    labels[30:46, 4:36, 4:32] = TIBIA
+    labels[28:30, 4:20, 4:32] = TIBIAL_CARTILAGE  # on the tibia
+    labels[26:28, 4:20, 4:32] = MENISCUS  # menisci need no bone: untouched
+    labels[0:2, 0:2, 0:2] = PATELLAR_CARTILAGE  # a patella's only cartilage is its own largest piece: kept
+    cleared = {
+        "far from the femur": np.s_[40:44, 37:39, 2:6],
+        "at the femur's edge, no face shared": np.s_[2:4, 2:4, 10:14],
+        "on the tibia, not on the femur": np.s_[46:48, 4:8, 4:8],
+    }
+    for where in cleared.values():
+        labels[where] = FEMORAL_CARTILAGE
+    labels[27:29, 20:36, 2:34] = FEMORAL_CARTILAGE  # detached, but over half the sheet (1,024 voxels): kept
+    labels[20:22, 36:38, 4:32] = FEMORAL_CARTILAGE  # small, on the femur's face at y = 35: kept
+    before = labels.copy()
+    work = _layout(labels, order)
+
+    out = cartilage_islands_removed(work)
+
+    assert out is work
+    changed = before != work
+    assert set(np.unique(work[changed])) == {0}
+    assert changed.sum() == sum(before[where].size for where in cleared.values())
+    for why, where in cleared.items():
+        assert not work[where].any(), why
+
+
+@pytest.mark.parametrize("orientation", ["sagittal", "oblique"])
+def test_phantom_truth_has_no_cartilage_islands(orientation: str) -> None:
+    phantom = generate(7, "medium", orientation, "L")
+    labels = phantom.labels.astype(np.uint8)
+    assert np.array_equal(cartilage_islands_removed(labels.copy()), labels)

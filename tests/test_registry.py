@@ -252,7 +252,8 @@ def test_install_results_folder_writes_a_correct_entry(
     assert entry.configurations == ("3d_fullres",) and entry.folds == (0, 1) and entry.default
     assert entry.folder == registry.parent / "site_knee"
     assert entry.labels == dict(LABELS)  # from dataset.json's names
-    assert entry.postprocess == ("remove_bone_islands",)  # medial/lateral labels of its own: no split step
+    # bones and their cartilage, medial/lateral labels of its own: no split step
+    assert entry.postprocess == ("remove_bone_islands", "remove_cartilage_islands")
     copied = sorted(p.relative_to(entry.folder).as_posix() for p in entry.folder.rglob("*") if p.is_file())
     expected = sorted(
         f"{DATASET}/{TRAINED}/{rel}"
@@ -290,7 +291,8 @@ def test_install_refuses_unknown_tissues(tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_install_compartment_free_model_gets_the_split_step(tmp_path: Path) -> None:
-    """A model with bones gets their islands cleared; one without compartments gets them by anatomy."""
+    """A model with bones gets their islands cleared; one without compartments gets them by anatomy; its tibial
+    cartilage without the tibia keeps every piece (none could touch the bone)."""
     results = tmp_path / "results"
     labels = {"background": 0, "femur": 1, "tibial_cartilage": 2, "meniscus": 3}
     _results_folder(results, labels=labels)
@@ -351,6 +353,7 @@ def test_install_shipped_model_folder_matches_its_entry(tmp_path: Path, name: st
     # an installed model gets the default steps; the image-aware refinement is the demo models' own choice
     assert entry.labels == shipped.labels and entry.postprocess == (
         "remove_bone_islands",
+        "remove_cartilage_islands",
         "split_medial_lateral",
     )
     assert shipped.postprocess == (*entry.postprocess, "refine_cartilage")

@@ -85,6 +85,7 @@ def test_train_demo_tiny_budget_loads_through_registry(tmp_path: Path) -> None:
         # the demo models segment tissues; medial/lateral is assigned by anatomy afterwards
         assert entry.labels == COMPARTMENT_FREE_LABELS and entry.postprocess == (
             "remove_bone_islands",
+            "remove_cartilage_islands",
             "split_medial_lateral",
             "refine_cartilage",
         )

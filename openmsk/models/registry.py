@@ -20,7 +20,8 @@ File format (paths relative to the TOML file's directory unless absolute)::
     folds = ["all"]
     checkpoint = "checkpoint_final.pth"  # slicewise2d: the weights file, relative to `folder`
     postprocess = ["remove_bone_islands", "split_medial_lateral"]  # optional steps, in order: clear
-                                         # small bone islands; assign medial/lateral by anatomy
+                                         # small bone islands; (remove_cartilage_islands: cartilage off
+                                         # its bone); assign medial/lateral by anatomy
     version = "1.0.0"
     description = "..."
     default = true
@@ -55,7 +56,12 @@ KINDS = ("nnunet", "nnunet_cascade", "slicewise2d")
 NNUNET_KINDS = ("nnunet", "nnunet_cascade")
 CASCADE_CONFIGURATIONS = ("3d_lowres", "3d_cascade_fullres")
 # Named steps a model's output may go through after its label map (see worker.models.segmenter).
-POSTPROCESS_STEPS = ("remove_bone_islands", "split_medial_lateral", "refine_cartilage")
+POSTPROCESS_STEPS = (
+    "remove_bone_islands",
+    "remove_cartilage_islands",
+    "split_medial_lateral",
+    "refine_cartilage",
+)
 # Canonical tissue names -> label values, from OpenMSK's one tissue table (openmsk.labels).
 CANONICAL_IDS: dict[str, int] = {t.name: t.label for t in TISSUES.values()}
 # Tissues a model may output without saying which compartment (DOSMA's convention); the split_medial_lateral

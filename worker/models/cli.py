@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from dataclasses import replace as replace_fields
 from pathlib import Path
 
-from openmsk.labels import BONES
+from openmsk.labels import BONES, BY_NAME, CARTILAGES, TISSUES
 from openmsk.models.registry import (
     CANONICAL_IDS,
     CASCADE_CONFIGURATIONS,
@@ -221,12 +221,19 @@ def _label_map(dataset_json: Path, override: str | None) -> dict[int, str]:
 
 def default_postprocess(label_map: dict[int, str]) -> tuple[str, ...]:
     """The post-processing an installed model gets (the registry entry can be edited afterwards): small bone
-    islands cleared where it segments a bone (each bone is one piece), and, where it segments tibial
-    cartilage or menisci without compartments, the compartments assigned by anatomy."""
+    islands cleared where it segments a bone (each bone is one piece); cartilage pieces off their bone
+    cleared where it segments every covered bone with its cartilage (without the bone, no piece would touch
+    it); and, where it segments tibial cartilage or menisci without compartments, the compartments assigned
+    by anatomy."""
     tissues = set(label_map.values())
     steps: list[str] = []
     if tissues & {t.name for t in BONES}:
         steps.append("remove_bone_islands")
+    bone_of = {t.name: TISSUES[t.bone].name for t in CARTILAGES if t.bone}
+    bone_of["tibial_cartilage"] = TISSUES[BY_NAME["medial_tibial_cartilage"].bone or 0].name
+    cartilages = tissues & set(bone_of)
+    if cartilages and all(bone_of[name] in tissues for name in cartilages):
+        steps.append("remove_cartilage_islands")
     if tissues & set(COMBINED_TISSUES):
         steps.append("split_medial_lateral")
     return tuple(steps)

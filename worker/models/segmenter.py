@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from openmsk.labels import BONES, BY_NAME
+from openmsk.labels import BONES, BY_NAME, CARTILAGES
 from openmsk.models.registry import POSTPROCESS_STEPS, ModelEntry, RegistryError
 from worker.device import DeviceError, resolve_device
 from worker.models.refine import refine_cartilage
@@ -236,9 +236,83 @@ def bone_islands_removed(labels: NDArray[np.uint8]) -> NDArray[np.uint8]:
     return labels
 
 
+#: a cartilage's pieces off its bone smaller than this share of its largest piece are islands
+CARTILAGE_ISLAND_FRACTION = 0.5
+# cartilage label -> the label of the bone it covers (0: not a cartilage)
+_BONE_OF = np.zeros(256, dtype=np.uint8)
+for _t in CARTILAGES:
+    _BONE_OF[_t.label] = _t.bone or 0
+_CARTILAGE_RANGE = (min(t.label for t in CARTILAGES), max(t.label for t in CARTILAGES))
+assert set(range(_CARTILAGE_RANGE[0], _CARTILAGE_RANGE[1] + 1)) == {t.label for t in CARTILAGES}
+
+
+def cartilage_islands_removed(labels: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """Clear the cartilage pieces that do not touch their own bone, in place, unless a piece is at least
+    :data:`CARTILAGE_ISLAND_FRACTION` of its cartilage's largest piece.
+
+    Cartilage covers bone: a piece away from it is a false positive (a demo model called 12,000 voxels behind
+    a full-size knee "femoral cartilage", 7 % of the sheet), which adds to the volume, takes a subregion and
+    pulls the thickness map's unrolling axis. Pieces are 26-connected; touching is across a voxel face, as
+    the thickness rays start. A large detached piece is kept: a model that leaves a one-voxel gap between a
+    condyle's cartilage and the bone must not lose that condyle.
+    """
+    import cc3d
+
+    if labels.flags.f_contiguous and not labels.flags.c_contiguous:
+        cartilage_islands_removed(labels.T)  # the same pieces, scanned along memory (nnU-Net's layout)
+        return labels
+    low, high = _CARTILAGE_RANGE
+    box = _box((labels - np.uint8(low)) < np.uint8(high - low + 1))  # one compare (uint8 wrap-around)
+    if box is None:
+        return labels
+    # The box grown by a voxel (the bone beyond a sheet at the box's edge), then padded with background, so
+    # every cartilage voxel's six neighbours are in the array at fixed flat offsets.
+    grown = tuple(
+        slice(max(0, b.start - 1), min(n, b.stop + 1)) for b, n in zip(box, labels.shape, strict=True)
+    )
+    around = labels[grown]
+    padded = np.pad(around, 1)
+    only = np.where((padded - np.uint8(low)) < np.uint8(high - low + 1), padded, np.uint8(0))
+    pieces, count = cc3d.connected_components(only, connectivity=26, return_N=True)
+    if count <= 1:
+        return labels
+    at = np.flatnonzero(only)  # the cartilage voxels, a few percent of the box: the rest is not looked at
+    piece_at = pieces.ravel()[at]
+    label_at = only.ravel()[at]
+    bone_at, flat = _BONE_OF[label_at], padded.ravel()
+    rows, cols = padded.shape[1] * padded.shape[2], padded.shape[2]
+    touching = np.zeros(count + 1, dtype=bool)
+    for offset in (1, -1, cols, -cols, rows, -rows):
+        hit = (bone_at != 0) & (flat[at + offset] == bone_at)
+        touching[piece_at[hit]] = True
+    sizes = np.bincount(piece_at, minlength=count + 1)
+    label_of = np.zeros(count + 1, dtype=np.uint8)
+    label_of[piece_at] = label_at
+    largest = np.zeros(256, dtype=np.int64)
+    np.maximum.at(largest, label_of[1:], sizes[1:])
+    drop = ~touching & (sizes < CARTILAGE_ISLAND_FRACTION * largest[label_of])
+    drop[0] = False
+    if drop.any():
+        gone = np.unravel_index(at[drop[piece_at]], padded.shape)
+        around[tuple(g - 1 for g in gone)] = 0  # around is a view: writes go to labels
+    return labels
+
+
+def _box(mask: NDArray[np.bool_]) -> tuple[slice, ...] | None:
+    """The bounding box of *mask* from its projections, or None when it is empty."""
+    box = []
+    for axis in range(mask.ndim):
+        along = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if not len(along):
+            return None
+        box.append(slice(int(along[0]), int(along[-1]) + 1))
+    return tuple(box)
+
+
 # Registry step name -> in-place function on canonical labels (names are validated by the registry).
 POSTPROCESS: dict[str, Callable[[NDArray[np.uint8]], NDArray[np.uint8]]] = {
     "remove_bone_islands": bone_islands_removed,
+    "remove_cartilage_islands": cartilage_islands_removed,
     "split_medial_lateral": split_medial_lateral,
 }
 # Steps that also read the canonical image and its spacing: (labels, image, spacing) -> labels, in place.

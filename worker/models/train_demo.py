@@ -68,11 +68,17 @@ DEFAULT_CASES = 40
 # these cases exactly as they resample a clinical series at inference.
 FULL_SIZE_EVERY = 5
 # Post-processing of the demo models' output: their few bone islands cleared (measured on full-size phantoms:
-# femur Dice 0.947 -> 0.980, tibia 0.922 -> 0.970), medial/lateral assigned by anatomy (see above), then the
+# femur Dice 0.947 -> 0.980, tibia 0.922 -> 0.970), cartilage pieces off their bone cleared (a 12,000-voxel
+# "femoral cartilage" piece behind a full-size knee), medial/lateral assigned by anatomy (see above), then the
 # cartilage boundaries moved to the image's edges at its native resolution: the nets run at 1.6 mm and regress
 # to the thickness they learnt (subregion error 3.3-25.3 % median on 16 full-size knees); refined, 0.8-5.1 %
 # (bench/analysis.py --model --regions --cases).
-DEMO_POSTPROCESS = ("remove_bone_islands", "split_medial_lateral", "refine_cartilage")
+DEMO_POSTPROCESS = (
+    "remove_bone_islands",
+    "remove_cartilage_islands",
+    "split_medial_lateral",
+    "refine_cartilage",
+)
 SLICE_WINDOW = 64  # px: the 2D net trains on windows of this size (a small phantom's whole plane)
 # Measured on the phantoms: 1200 iterations give every tissue a margin over the Dice thresholds; the cascade's
 # fullres stage needs more (it learns to use the lowres labels as well): at 1500 its lateral meniscus missed
@@ -80,7 +86,8 @@ SLICE_WINDOW = 64  # px: the 2D net trains on windows of this size (a small phan
 DEFAULT_ITERATIONS = {"nnunet_fullres": 1200, "nnunet_cascade": 3000, "dosma_2d": 5000}
 # cascade: iterations of 3d_lowres relative to 3d_cascade_fullres (they are several times cheaper)
 LOWRES_FRACTION = 0.2
-VERSION = "0.2.0-demo"  # 0.1.1: the cascade retrained with 3000 iterations; 0.2.0: refine_cartilage added
+# 0.1.1: the cascade retrained with 3000 iterations; 0.2.0: refine_cartilage added; 0.3.0: cartilage islands
+VERSION = "0.3.0-demo"
 INITIAL_LR = 3e-3  # AdamW (see the trainer)
 VAL_ITERATIONS = 2  # per epoch: only for the log's pseudo Dice
 FULLRES_SPACING = 1.6  # mm, isotropic: the phantoms' in-plane spacing, so no plane is downsampled
