@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from scp.storage import InstanceHeader
@@ -38,7 +38,7 @@ class PendingSeries:
     first_arrival: float
     last_arrival: float
     received: int = 0
-    open_associations: set[int] = field(default_factory=set)
+    open_associations: set[Hashable] = field(default_factory=set)
     aborted: bool = False  # an association that delivered to it ended without a release
     restored: bool = False  # found on disk at start-up, not received in this run
 
@@ -57,13 +57,14 @@ class CompletionTracker:
         self.timeout_s = timeout_s
         self.clock = clock
         self._series: dict[tuple[str, str], PendingSeries] = {}
-        self._by_association: dict[int, set[tuple[str, str]]] = {}
+        self._by_association: dict[Hashable, set[tuple[str, str]]] = {}
         self._changed = threading.Condition()
 
     def instance_stored(
-        self, association: int, header: InstanceHeader, calling_ae: str, called_ae: str
+        self, association: Hashable, header: InstanceHeader, calling_ae: str, called_ae: str
     ) -> None:
-        """An instance of ``header``'s series was stored over ``association``."""
+        """An instance of ``header``'s series was stored over ``association`` (an id unique in the SCP: an
+        int in one process, ``(pid, n)`` from receiver processes)."""
         key = (header.study_uid, header.series_uid)
         now = self.clock()
         with self._changed:
@@ -84,7 +85,7 @@ class CompletionTracker:
             series.open_associations.add(association)
             self._by_association.setdefault(association, set()).add(key)
 
-    def association_ended(self, association: int, released: bool) -> None:
+    def association_ended(self, association: Hashable, released: bool) -> None:
         """``association`` is over: released normally (``released``) or aborted / dropped. Idempotent."""
         with self._changed:
             for key in self._by_association.pop(association, set()):

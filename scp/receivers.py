@@ -194,6 +194,7 @@ class ReceiverPool:
         self.slots = _SPAWN.Array("i", self.count)  # open associations per receiver
         self.port = scp.settings.scp_port
         self.restarts = 0
+        self.cleanups = 0  # clean-ups after a dead receiver finished (for tests)
         self._reserved: socket.socket | None = None
         self._children: list[_Child | None] = [None] * self.count
         self._restart_due: dict[int, float] = {}
@@ -324,21 +325,29 @@ class ReceiverPool:
             lived,
             delay,
         )
+        # In a thread of its own: a large incoming/ takes a while to scan, and the relay must go on meanwhile.
+        threading.Thread(
+            target=self._clean_up, args=(child.index, pid), name="scp-receiver-cleanup", daemon=True
+        ).start()
+        self._restart_due[child.index] = time.monotonic() + delay
+
+    def _clean_up(self, index: int, pid: int) -> None:
+        """After a receiver died: its ``.partial/`` files, then the series on disk, as at a start."""
         try:
             recovered, deleted = self.scp.store.recover_partial(pid)
             restored = self.scp._restore_pending()
         except OSError as exc:
-            LOG.error("cannot clean up after receiver %d: %s", child.index, exc)
-        else:
-            LOG.info(
-                "after receiver %d: %d instance(s) moved into place, %d unfinished file(s) removed, %d series "
-                "re-evaluated",
-                child.index,
-                recovered,
-                deleted,
-                restored,
-            )
-        self._restart_due[child.index] = time.monotonic() + delay
+            LOG.error("cannot clean up after receiver %d: %s", index, exc)
+            return
+        self.cleanups += 1
+        LOG.info(
+            "after receiver %d: %d instance(s) moved into place, %d unfinished file(s) removed, %d series "
+            "re-evaluated",
+            index,
+            recovered,
+            deleted,
+            restored,
+        )
 
     def stop(self) -> None:
         """Tell every receiver to stop, wait for them (their last reports are relayed), then stop relaying."""

@@ -114,6 +114,7 @@ def test_receiver_killed_mid_stream_keeps_what_it_acknowledged_and_is_restarted(
             assert dataset_bytes(path) == dataset_bytes(by_uid[uid]), uid
         # Restarted, with the dead receiver's leftovers recovered or deleted.
         wait_for(lambda: len(scp.pool.pids()) == 2 and scp.pool.restarts == 1, 30, "receiver restarted")
+        wait_for(lambda: scp.pool.cleanups == 1, 30, "its leftovers cleaned up")
         assert set(scp.pool.pids()) != before
         assert partial_leftovers(config.data_path) == []
         assert all(echo(scp.port) for _ in range(6))  # whichever receiver the kernel picks answers
