@@ -210,3 +210,39 @@ def test_receivers_exit_when_openmsk_scp_is_killed(settings: Settings, tmp_path:
         proc.wait(timeout=15)
     wait_for(lambda: not any(_alive(pid) for pid in children), 10, "receivers gone with their parent")
     assert not echo(config.scp_port)
+
+
+def test_tls_and_the_disk_guard_hold_in_every_receiver(settings: Settings, tmp_path: Path) -> None:
+    from tests.test_scp_receive import _certificates, dcmtk
+
+    certs = _certificates(tmp_path / "certs")
+    tls = {
+        "scp_tls_cert": certs / "server.crt",
+        "scp_tls_key": certs / "server.key",
+        "scp_tls_ca": certs / "ca.crt",
+        "scp_tls_require_client_cert": True,
+    }
+    source = write_mr_series(tmp_path / "s", 2, 16, 16)
+    with StorageSCP(configured(settings, **tls)) as scp:
+        for _ in range(4):  # over both receivers, most likely (each connection hashed anew)
+            result = dcmtk("storescu", "+tls", str(certs / "client.key"), str(certs / "client.crt"), "+cf",
+                           str(certs / "ca.crt"), "-aec", "OPENMSK", "127.0.0.1", str(scp.port),
+                           *map(str, source))  # fmt: skip
+            assert result.returncode == 0, result.stderr
+        assert not any(echo(scp.port) for _ in range(6))  # TLS only, whichever receiver answers
+    assert len(stored_files(settings.data_path)) == 2
+    full = configured(settings, min_free_disk_mb=1 << 40)  # a petabyte free: no disk has that
+    with StorageSCP(full) as scp:
+        assert not any(echo(scp.port) for _ in range(6))  # rejected (temporary congestion) by each
+
+
+def test_recovery_after_a_dead_receiver_leaves_the_files_of_the_others_alone(settings: Settings) -> None:
+    from scp.storage import InstanceStore
+
+    store = InstanceStore(settings.data_path)
+    mine = [store.partial / "spare.111.5.1", store.partial / "1.2.3.0badc0de.111.7"]
+    others = [store.partial / "spare.222.5.1", store.partial / "1.2.3.0badc0de.222.7"]
+    for path in mine + others:
+        path.write_bytes(b"not an instance")
+    assert store.recover_partial(pid=111) == (0, 2)
+    assert [p.exists() for p in mine + others] == [False, False, True, True]
