@@ -58,6 +58,7 @@ RESTART_DELAY_S = 0.5  # doubled for every death within STABLE_S of the start, u
 MAX_RESTART_DELAY_S = 30.0
 STABLE_S = 30.0
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 class ReusePortServer(ThreadedAssociationServer):
@@ -147,6 +148,9 @@ def receiver_main(
     """The body of a receiver process: listen on ``port`` until the parent says stop or is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles both for the process group
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(
+        signal.SIG_UNBLOCK, _STOP_SIGNALS
+    )  # blocked since the spawn: one pending is dropped
     logging.basicConfig(level=level, format=LOG_FORMAT.replace("%(name)s", f"%(name)s[receiver {index}]"))
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     try:
@@ -238,7 +242,13 @@ class ReceiverPool:
             name=f"openmsk-scp-receiver-{index}",
             daemon=True,
         )
-        process.start()
+        # Blocked in the spawning thread, so blocked in the child until it ignores them: a SIGTERM to the process
+        # group (`openmsk up` stopping) must not kill a receiver while it imports; the parent stops it.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         child_end.close()
         self._children[index] = _Child(index, process, parent_end)
 
@@ -308,6 +318,8 @@ class ReceiverPool:
             self.scp.tracker.association_ended(key, False)
         with self.slots.get_lock():
             self.slots.get_obj()[child.index] = 0
+        if not child.ready.is_set():
+            child.failed = f"exited with code {child.process.exitcode} before it listened"
         child.ready.set()
         if self._stopping:
             return
