@@ -3,8 +3,9 @@
 One :class:`StorageSCP` owns everything that runs in the ``openmsk scp`` process: the AE (Verification and
 Storage for every storage SOP class in every transfer syntax pynetdicom can negotiate), the instance store,
 the completion tracker with its thread, the dispatcher with its outbox thread, and the forwarder that sends
-the received images on to the archive destinations. The event handlers are methods named after the pynetdicom
-events they serve.
+the received images on to the archive destinations. The event handlers are methods (of :class:`Receiver`)
+named after the pynetdicom events they serve. With ``OPENMSK_SCP_PROCESSES`` > 1 the AE and its handlers run
+in receiver processes instead, one :class:`Receiver` each, reporting to this process (:mod:`scp.receivers`).
 
 A C-STORE is answered "success" only once the instance is durably on disk (:mod:`scp.storage`). Bad input
 gets a failure status with an Error Comment and never stops the association or the SCP. Patient data stays out
