@@ -267,7 +267,9 @@ class Step(StrEnum):
 
 
 # store(assoc, request, encoded data set) -> (status, error comment or None)
-StoreCallback = Callable[[Any, StoreRequest, bytes], tuple[int, str | None]]
+# (association, request, data set, after) -> (status, error comment); what the callback puts into *after* runs
+# once the response is sent (the store's renames, while the sender reads its next instance).
+StoreCallback = Callable[[Any, StoreRequest, bytes, list[Callable[[], object]]], tuple[int, str | None]]
 
 _COMMAND = 0x01  # message control header bit 0: command (1) or data set (0) fragment
 _LAST = 0x02  # bit 1: last fragment
@@ -415,8 +417,9 @@ class FastStoreReceiver:
         return StoreRequest(message_id, sop_class, sop_instance, int(self.context_id or 0), transfer_syntax)
 
     def _serve(self, request: StoreRequest, dataset: bytes) -> None:
+        after: list[Callable[[], object]] = []
         try:
-            status, comment = self.store(self.assoc, request, dataset)
+            status, comment = self.store(self.assoc, request, dataset, after)
         except Exception:  # a failing store must answer, not take the association down
             LOG.exception("storing instance %s failed", request.sop_instance_uid)
             status, comment = 0xC000, "internal error while storing"
@@ -424,7 +427,18 @@ class FastStoreReceiver:
             request.message_id, request.sop_class_uid, request.sop_instance_uid, status, comment
         )
         pdv = struct.pack(">LB", len(command) + 2, request.context_id) + bytes((_COMMAND | _LAST,)) + command
-        self.assoc.dul.socket.send(struct.pack(">BBL", 0x04, 0x00, len(pdv)) + pdv)
+        try:
+            self.assoc.dul.socket.send(struct.pack(">BBL", 0x04, 0x00, len(pdv)) + pdv)
+        finally:
+            for step in after:
+                try:
+                    step()
+                except Exception:  # acknowledged and durable: the next start moves it into place
+                    LOG.exception(
+                        "instance %s is stored but could not be moved into its series folder; it stays in "
+                        ".partial/ until the SCP restarts",
+                        request.sop_instance_uid,
+                    )
 
 
 def _uid_value(uid: str) -> bytes:

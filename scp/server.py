@@ -21,6 +21,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,11 +260,12 @@ class Receiver:
         return SUCCESS if status == SUCCESS else failure(status, comment or "")
 
     def store_fast(
-        self, assoc: Any, request: fastpath.StoreRequest, dataset: bytes
+        self, assoc: Any, request: fastpath.StoreRequest, dataset: bytes, after: list[Callable[[], object]]
     ) -> tuple[int, str | None]:
-        """A C-STORE served by the fast path in the DUL thread (see :mod:`scp.fastpath`)."""
+        """A C-STORE served by the fast path in the DUL thread (see :mod:`scp.fastpath`); the move of the
+        durable instance into its series folder goes into *after*, run once the response is sent."""
         return self.store_instance(
-            assoc, request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax, dataset
+            assoc, request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax, dataset, after
         )
 
     def store_instance(
@@ -273,11 +275,14 @@ class Receiver:
         sop_instance_uid: str,
         transfer_syntax: str,
         raw: bytes | memoryview,
+        after: list[Callable[[], object]] | None = None,
     ) -> tuple[int, str | None]:
         """Check one received data set, write it durably, tell the tracker; returns (status, error comment).
 
         The data set is never decoded: :func:`~scp.storage.read_header` walks it once for completeness and
-        the few attributes needed, and the bytes are written as they came.
+        the few attributes needed, and the bytes are written as they came. With *after*, a Success leaves
+        the renames into the series folder (:meth:`~scp.storage.PendingWrite.finish`) in it, for the
+        caller to run once the response is on its way: the instance is durable before Success either way.
         """
         stats = _stats(assoc)
         try:
@@ -293,7 +298,11 @@ class Receiver:
             calling = assoc.requestor.ae_title.strip()
             called = assoc.acceptor.ae_title.strip()
             meta = file_meta(header.sop_class_uid, header.sop_instance_uid, transfer_syntax, calling, called)
-            self.store.write(header, [meta, raw])
+            if after is None:
+                self.store.write(header, [meta, raw])
+                pending = None
+            else:
+                pending = self.store.write_durable(header, [meta, raw])
         except InvalidInstance as exc:
             return self._refuse(stats, CANNOT_UNDERSTAND, str(exc))
         except OSError as exc:
@@ -305,7 +314,11 @@ class Receiver:
         try:  # before Success: nothing acknowledged is unknown to the tracker
             self.tracker.instance_stored(stats.ident, header, calling, called)
         except OSError:  # a receiver process whose parent is gone: the file waits for the next start
+            if pending is not None:
+                pending.discard()  # refused: not kept
             return self._refuse(stats, OUT_OF_RESOURCES, "the SCP is restarting")
+        if pending is not None and after is not None:
+            after.append(pending.finish)
         stats.stored += 1
         stats.bytes += len(raw)
         stats.series.add(header.series_uid)

@@ -447,6 +447,54 @@ class _SpareFiles:
             self._ready.clear()
 
 
+class PendingWrite:
+    """An instance made durable by :meth:`InstanceStore.write_durable`, still to be moved into place."""
+
+    def __init__(self, store: InstanceStore, final: Path, spare: Path, fd: int, size: int) -> None:
+        self.store, self.final, self.spare, self.size = store, final, spare, size
+        self.temp = spare
+        self._fd: int | None = fd
+        self.prewritten = False  # durable by the spare's trailer (else by the checksum name, fsync'd)
+        self.renamed = False  # the spare carries its checksum name
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def finish(self) -> Path:
+        """Move the instance into its series folder; returns its path. On an error the instance stays in
+        ``.partial/`` (durable: the next start moves it into place) and the error is raised."""
+        store = self.store
+        if not self.renamed:
+            os.rename(self.spare, self.temp)
+            self.renamed = True
+        if self._fd is not None:
+            # Cut the zeros and trailer off; metadata, durable with a later journal commit, after the
+            # rename above (the journal keeps their order), so a spare that lost its trailer has its
+            # checksum name. A temporary file longer than its data is cut by recover_partial().
+            os.ftruncate(self._fd, self.size)
+            self.close()
+        if store.prewrite:
+            store._spares.want(self.size)
+        folder = self.final.parent
+        store._ensure_dir(folder)
+        try:
+            os.rename(self.temp, self.final)
+        except FileNotFoundError:  # the series folder was removed (retention) since we made it: again
+            store._known_dirs.discard(folder)
+            store._ensure_dir(folder)
+            os.rename(self.temp, self.final)
+        return self.final
+
+    def discard(self) -> None:
+        """Before Success only: the instance was refused, so no file of it may stay behind."""
+        self.close()
+        for path in (self.temp, self.spare):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
 class InstanceStore:
     """The ``incoming/`` tree: durable, atomic writes of instances and the listing of what is there.
 
@@ -500,61 +548,58 @@ class InstanceStore:
         ``chunks`` are written back to back (file meta, then the received data set). Raises ``OSError`` when
         the disk refuses; no partial file is left behind either way.
         """
+        pending = self.write_durable(header, chunks)
+        try:
+            return pending.finish()
+        except BaseException:
+            pending.discard()
+            raise
+
+    def write_durable(self, header: InstanceHeader, chunks: list[bytes | memoryview]) -> PendingWrite:
+        """The part of :meth:`write` that makes the instance durable: once it returns, the instance survives a
+        crash (in ``.partial/``, which :meth:`recover_partial` restores at the next start). The renames into
+        the series folder are left to :meth:`PendingWrite.finish`, which a Storage SCP runs after it has sent
+        Success, while the sender reads its next instance (0.5-0.7 ms of metadata calls per instance here).
+        Raises ``OSError`` when the disk refuses; nothing is left behind then.
+        """
         if not is_valid_uid(header.sop_instance_uid):
             raise InvalidInstance("invalid SOP Instance UID")
         folder = self.series_dir(header.study_uid, header.series_uid)
-        final = folder / (header.sop_instance_uid + SUFFIX)
         fd, spare, spare_size = self._spares.take()
         size = sum(len(c) for c in chunks)
-        temp = spare
+        pending = PendingWrite(self, folder / (header.sop_instance_uid + SUFFIX), spare, fd, size)
         try:
-            try:
-                crc = 0
-                for chunk in chunks:
-                    crc = zlib.crc32(chunk, crc)
-                prewritten = self.fsync and self.prewrite and 0 < size <= spare_size - SPARE_TRAILER.size
-                if prewritten:
-                    # Over the spare's zeros, the trailer at its end: fdatasync makes both durable with no
-                    # journal commit. From here a crash leaves a spare recover_partial() restores.
-                    _write_all(fd, chunks)
-                    os.pwrite(
-                        fd,
-                        SPARE_TRAILER.pack(SPARE_TRAILER_MAGIC, size, crc),
-                        spare_size - SPARE_TRAILER.size,
-                    )
-                    os.fdatasync(fd)
-                else:
-                    _write_all(fd, chunks)
-                with self._lock:
-                    self._counter += 1
-                    temp = self.partial / f"{header.sop_instance_uid}.{crc:08x}.{os.getpid()}.{self._counter}"
-                os.rename(spare, temp)
-                if prewritten:
-                    # Cut the zeros and trailer off; metadata, durable with a later journal commit, after the
-                    # rename above (the journal keeps their order), so a spare that lost its trailer has its
-                    # checksum name. A temporary file longer than its data is cut by recover_partial().
-                    os.ftruncate(fd, size)
-                elif self.fsync:
+            crc = 0
+            for chunk in chunks:
+                crc = zlib.crc32(chunk, crc)
+            with self._lock:
+                self._counter += 1
+                pending.temp = (
+                    self.partial / f"{header.sop_instance_uid}.{crc:08x}.{os.getpid()}.{self._counter}"
+                )
+            if self.fsync and self.prewrite and 0 < size <= spare_size - SPARE_TRAILER.size:
+                # Over the spare's zeros, the trailer at its end: fdatasync makes both durable with no
+                # journal commit. From here a crash leaves a spare recover_partial() restores.
+                _write_all(fd, chunks)
+                os.pwrite(
+                    fd, SPARE_TRAILER.pack(SPARE_TRAILER_MAGIC, size, crc), spare_size - SPARE_TRAILER.size
+                )
+                os.fdatasync(fd)
+                pending.prewritten = True
+            else:
+                _write_all(fd, chunks)
+                os.rename(spare, pending.temp)
+                pending.renamed = True
+                if self.fsync:
                     # Data, size and the checksum name (the rename changed the inode: fsync, not fdatasync).
                     # Concurrent associations each fsync: ext4's journal already commits them together
                     # (measured: faster than one syncfs for the lot, see bench/ingest.py's notes).
                     os.fsync(fd)
-            finally:
-                os.close(fd)
-            if self.prewrite:
-                self._spares.want(size)
-            self._ensure_dir(folder)
-            try:
-                os.rename(temp, final)
-            except FileNotFoundError:  # the series folder was removed (retention) since we made it: again
-                self._known_dirs.discard(folder)
-                self._ensure_dir(folder)
-                os.rename(temp, final)
+                pending.close()
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
+            pending.discard()
             raise
-        return final
+        return pending
 
     def _ensure_dir(self, folder: Path) -> None:
         """Create a series folder (and its study folder) durably the first time it is needed."""

@@ -239,6 +239,42 @@ def test_recovery_of_prewritten_spares_before_their_rename_or_cut(
     assert list(store.partial.iterdir()) == []
 
 
+def test_a_durable_write_not_yet_moved_into_place_is_recovered_and_a_refused_one_leaves_nothing(
+    dataset: pydicom.Dataset, tmp_path: Path
+) -> None:
+    """The SCP answers Success between write_durable and finish (the renames run while the sender reads its
+    next instance): a crash in that window must still keep the instance, pre-written spare or not."""
+    raw = encoded(dataset, EXPLICIT)
+    header = read_header(raw, EXPLICIT)
+    meta = file_meta(header.sop_class_uid, header.sop_instance_uid, EXPLICIT)
+    folder = tmp_path / "incoming" / header.study_uid / header.series_uid
+    store = InstanceStore(tmp_path)
+    store.start()
+    try:
+        store.write(header, [meta, raw])  # sizes the spares
+        spares = store._spares
+        wait_for(lambda: len(spares._ready) == spares.keep and spares._ready[0][2], 10, "pre-written spares")
+        (folder / f"{header.sop_instance_uid}.dcm").unlink()
+        crashed = store.write_durable(header, [meta, raw])
+        assert crashed.prewritten and not (folder / f"{header.sop_instance_uid}.dcm").exists()
+        crashed.close()  # the process dies here: no rename, no cut
+        refused = store.write_durable(header, [meta, raw + b"xx"])
+        refused.discard()
+        assert not refused.spare.exists() and not refused.temp.exists()
+        finished = store.write_durable(header, [meta, raw])
+        assert finished.finish().read_bytes() == meta + raw
+        (folder / f"{header.sop_instance_uid}.dcm").unlink()
+    finally:
+        store.close()
+    again = InstanceStore(tmp_path, fsync=True)
+    again.prewrite = False
+    unprewritten = again.write_durable(header, [meta, raw])  # renamed to its checksum name and fsync'd
+    assert unprewritten.renamed and not unprewritten.prewritten
+    assert again.recover_partial() == (2, 0)  # the crashed spare (by its trailer) and the checksum file
+    assert (folder / f"{header.sop_instance_uid}.dcm").read_bytes() == meta + raw
+    assert list(again.partial.iterdir()) == []
+
+
 @pytest.mark.parametrize("comment", [None, "data set truncated", "odd"])
 @pytest.mark.parametrize("uid", ["1.2.3", "1.2.840.10008.5.1.4.1.1.4.12345"])  # odd and even lengths
 def test_c_store_response_matches_pynetdicoms_own_encoding(uid: str, comment: str | None) -> None:
