@@ -362,7 +362,7 @@ def assign_regions(
     if boxes is None:
         boxes = ndi.find_objects(small)
     frame = knee_frame(small, spacing, boxes)
-    out = np.zeros(labels.shape, dtype=np.uint8)
+    out = np.zeros_like(small)  # the labels' layout: the SEG's frames and the NIfTI read it without a copy
     bin_mm = 1.01 * float(max(frame.spacing))  # every bin holds a voxel centre along any direction
     info: dict[str, Any] = {
         "voxels": {},  # voxels per region label
