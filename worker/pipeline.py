@@ -119,8 +119,10 @@ def segment_volume(
         raise JobFailure(ErrorCode.SEGMENTATION_FAILED, f"inference failed: {exc}", permanent=False) from None
 
     progress("postprocess", 0.0)
-    # the registry's label map and steps (image-aware ones read the canonical image)
-    labels_canonical = segmenter.canonical_labels(model_labels, canonical.image, canonical.spacing)
+    # the registry's label map and the steps of *entry* (image-aware ones read the canonical image)
+    labels_canonical = segmenter.canonical_labels(
+        model_labels, canonical.image, canonical.spacing, steps=entry.postprocess
+    )
     # Laid out like the loaded slices ((i, j, k) in Fortran order = a (k, j, i) stack): the SEG's frames and
     # the NIfTI's voxel order are then plain reads of it, and one copy at most is made here.
     labels = np.asfortranarray(from_canonical(labels_canonical, canonical), dtype=np.uint8)
