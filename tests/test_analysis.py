@@ -128,6 +128,29 @@ def test_thickness_of_a_tilted_slab_on_an_anisotropic_grid() -> None:
     assert result["std"] < 0.1
 
 
+def test_pinholes_between_bone_and_cartilage_are_not_edges_of_the_sheet() -> None:
+    """A model leaves single background voxels between the subchondral plate and the sheet; they are enclosed,
+    so they are not bare bone: without that rule each one cut a disk of the median thickness out of the
+    measured faces (holes in the job's thickness maps). A notch open to the outside is still an edge."""
+    from worker.analysis import face_thickness
+
+    spacing = (0.4, 0.4, 0.4)
+    labels = np.zeros((80, 80, 30), dtype=np.uint8)
+    labels[:, :, :10] = 1
+    labels[10:70, 10:70, 10:16] = 4  # a 2.4 mm sheet over the middle of the bone
+    whole = face_thickness(labels, spacing, 4, 1)
+    pinholes = labels.copy()
+    for x, y in ((25, 25), (40, 40), (55, 30), (30, 55)):
+        pinholes[x, y, 10] = 0  # under the sheet, enclosed by bone and cartilage
+    holed = face_thickness(pinholes, spacing, 4, 1)
+    assert whole is not None and holed is not None
+    assert holed.kept.sum() >= whole.kept.sum() - 4  # only the pinholes' own faces are gone
+    notched = labels.copy()
+    notched[38:42, 10:40, 10:16] = 0  # a slot cut through the sheet from its edge: open to the outside
+    cut = face_thickness(notched, spacing, 4, 1)
+    assert cut is not None and cut.kept.sum() < whole.kept.sum() - 4 * 30
+
+
 def test_coarse_smoothing_matches_the_plain_normalised_convolution() -> None:
     """The interface smoothing on a coarser grid (full-size spacing) against the dense computation.
 
