@@ -9,6 +9,7 @@ node's own priors in a real Redis.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -24,9 +25,10 @@ import requests
 from openmsk.labels import LATERALITY
 from openmsk.phantom import Phantom, generate, write_series
 from openmsk.regions import MEASURED, NOT_MEASURABLE, REGIONS, REGIONS_BY_NAME
+from worker import analysis_process
 from worker.analysis import analyse, cartilage_thickness
 from worker.dicom.sc import sc_uids, write_thickness_sc
-from worker.dicom.seg import REGION_KINDS, seg_uids, write_seg
+from worker.dicom.seg import REGION_KINDS, seg_header, seg_uids, write_seg
 from worker.dicom.sr import CODE_AREA, CODE_T2, CODE_THICKNESS, STATISTICS, change_identifier, write_sr
 from worker.prior import NodePriors, OrthancPriors, Prior, compare, find_prior, mean_thicknesses, patient_key
 from worker.thickness_maps import MAPS, AnatomicalFrame, thickness_maps, write_thickness_maps
@@ -160,6 +162,81 @@ def test_region_seg_uids_are_stable_and_distinct_from_the_tissue_seg(
     with pytest.raises(ValueError, match="no tissue"):
         write_seg(case["volume"], case["regions"], MODEL, VERSION, tmp_path / "x.dcm")
     assert set(REGION_KINDS) == set(REGIONS)
+
+
+#: what differs between two writes of the same SEG or SR: creation times, and highdicom's random dimension
+#: organization UID
+_PER_WRITE = {
+    "InstanceCreationDate",
+    "InstanceCreationTime",
+    "ContentDate",
+    "ContentTime",
+    "SeriesDate",
+    "SeriesTime",
+    "ContributingEquipmentSequence",
+    "DimensionOrganizationSequence",
+    "DimensionIndexSequence",
+}
+
+
+def _differing(a: pydicom.Dataset, b: pydicom.Dataset) -> list[str]:
+    keys = {e.keyword for e in a} | {e.keyword for e in b}
+    return sorted(k for k in keys - _PER_WRITE if a.get(k) != b.get(k))
+
+
+def test_the_sr_references_the_region_seg_by_its_header_as_it_would_the_seg(
+    case: dict[str, Any], tmp_path: Path
+) -> None:
+    """A job builds the SR from ``seg_header`` while the helper process still writes the region SEG: the
+    header must be the written SEG's identity, and the SR the same as one built from the SEG itself."""
+    volume = case["volume"]
+    for labelmap in (False, True):
+        header = seg_header(volume, case["regions"], MODEL, VERSION, regions=True, labelmap=labelmap)
+        written = write_seg(
+            volume,
+            case["regions"],
+            MODEL,
+            VERSION,
+            tmp_path / f"r{labelmap}.dcm",
+            regions=True,
+            labelmap=labelmap,
+        ).dataset
+        assert written is not None
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            assert header[keyword].value == written[keyword].value, (keyword, labelmap)
+        assert [(int(i.SegmentNumber), str(i.SegmentLabel)) for i in header.SegmentSequence] == [
+            (int(i.SegmentNumber), str(i.SegmentLabel))
+            for i in written.SegmentSequence
+            if int(i.SegmentNumber)
+        ]  # a Label Map SEG's background segment 0 is not one to reference
+        assert [i.SeriesInstanceUID for i in header.ReferencedSeriesSequence] == [
+            i.SeriesInstanceUID for i in written.ReferencedSeriesSequence
+        ]
+    header = seg_header(volume, case["regions"], MODEL, VERSION, regions=True)
+    from_header = write_sr(
+        case["seg"].dataset, volume, case["m"], MODEL, VERSION, tmp_path / "sr.dcm", region_seg=header
+    )
+    assert from_header.regions == case["sr"].regions
+    assert _differing(pydicom.dcmread(from_header.path), pydicom.dcmread(case["sr"].path)) == []
+
+
+def test_the_region_seg_written_in_the_helper_process_is_the_one_written_here(
+    case: dict[str, Any], tmp_path: Path
+) -> None:
+    """Written from the series' headers alone (no pixels sent), in the helper process."""
+    written = analysis_process.start_region_seg(
+        case["volume"], case["regions"], MODEL, VERSION, tmp_path / "beside.dcm"
+    ).result()
+    helper = analysis_process.helper_pid()
+    assert helper is not None and helper != os.getpid()
+    assert (written.sop_uid, written.segments, written.dataset) == (
+        case["rseg"].sop_uid,
+        case["rseg"].segments,
+        None,
+    )
+    beside, here = pydicom.dcmread(written.path), pydicom.dcmread(case["rseg"].path)
+    assert _differing(beside, here) == []
+    assert beside.PixelData == here.PixelData
 
 
 # --- SR -----------------------------------------------------------------------------------------------------

@@ -212,6 +212,7 @@ def segment_volume(
         outputs.sr_sop_uid = sr.sop_uid
         outputs.files.append(sr_path)
         outputs.dicom.append(DicomResult(sr_path, sr.sop_class_uid, sr.sop_uid))
+    region_out.finish()  # the region SEG, written beside the maps and the SR
     manifest = out_dir / "manifest.json"
     write_atomic(
         manifest,

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
+from worker.analysis_process import HelperCall, start_region_seg
 from worker.dicom.general import VolumeLike, knee_laterality
 from worker.dicom.sc import write_thickness_sc
-from worker.dicom.seg import write_seg
+from worker.dicom.seg import SegResult, seg_header
 from worker.thickness_maps import AnatomicalFrame, write_thickness_maps
 
 if TYPE_CHECKING:
@@ -32,11 +33,26 @@ __all__ = ["RegionOutputs", "add_change", "write_region_outputs"]
 @dataclass
 class RegionOutputs:
     """What :func:`write_region_outputs` wrote: files, DICOM results (path, SOP class, SOP instance UID), and
-    the region SEG for the SR (``None`` without a region map or DICOM outputs)."""
+    the region SEG's identity for the SR (:func:`worker.dicom.seg.seg_header`; ``None`` without a region map
+    or DICOM outputs).
+
+    The region SEG is still being written in the helper process when this is returned: :meth:`finish`
+    waits for it, and must be called before the files are used.
+    """
 
     files: list[Path] = field(default_factory=list)
     dicom: list[tuple[Path, str, str]] = field(default_factory=list)
     region_seg: Dataset | None = None
+    _pending: HelperCall[SegResult] | None = field(default=None, repr=False)
+
+    def finish(self) -> None:
+        """Wait for the region SEG; raises what its writing raised."""
+        if self._pending is None or self.region_seg is None:
+            return
+        written = self._pending.result()
+        self._pending = None
+        if written.sop_uid != str(self.region_seg.SOPInstanceUID):  # the SR referenced another object
+            raise RuntimeError("the region SEG written is not the one the SR references")
 
 
 def _rotation(measurements: dict[str, Any], affine: NDArray[Any]) -> NDArray[Any] | None:
@@ -64,6 +80,17 @@ def write_region_outputs(
     Captures (``thickness_<cartilage>.dcm``). *faces*: the analysis' per-face thickness by cartilage label
     (``worker.analysis.FaceThickness``), drawn where given instead of the volume-per-area proxy."""
     out = RegionOutputs()
+    if dicom_outputs and region_map is not None and np.any(region_map):
+        # Started first, so the helper process writes it while the maps are drawn and the SR is built here.
+        path = out_dir / "seg_regions.dcm"
+        out.region_seg = seg_header(
+            volume, region_map, model_name, model_version, regions=True, labelmap=labelmap
+        )
+        out._pending = start_region_seg(
+            volume, region_map, model_name, model_version, path, labelmap=labelmap
+        )
+        out.files.append(path)
+        out.dicom.append((path, str(out.region_seg.SOPClassUID), str(out.region_seg.SOPInstanceUID)))
     affine = np.asarray(volume.affine_lps, dtype=np.float64)
     laterality = knee_laterality(volume.sources[0]) if volume.sources else None
     maps = write_thickness_maps(
@@ -72,12 +99,6 @@ def write_region_outputs(
     out.files.extend(m.path for m in maps if m.path is not None)
     if not dicom_outputs:
         return out
-    if region_map is not None and np.any(region_map):
-        path = out_dir / "seg_regions.dcm"
-        rseg = write_seg(volume, region_map, model_name, model_version, path, regions=True, labelmap=labelmap)
-        out.region_seg = rseg.dataset
-        out.files.append(path)
-        out.dicom.append((path, str(rseg.dataset.SOPClassUID), rseg.sop_uid))
     for sc in write_thickness_sc(volume, maps, model_name, model_version, out_dir) if maps else []:
         out.files.append(sc.path)
         out.dicom.append((sc.path, sc.sop_class_uid, sc.sop_uid))

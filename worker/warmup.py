@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from openmsk.phantom import generate, write_series
-from worker.analysis_process import start_analysis
+from worker.analysis_process import start_analysis, start_region_seg
 from worker.dicom.seg import write_seg
 from worker.dicom.sr import write_sr
 from worker.preview import write_preview
@@ -20,7 +20,8 @@ from worker.volume import load_series, read_series
 
 
 def warm_up_outputs() -> float:
-    """Write a SEG, an SR and a preview and run the analysis for a small phantom; return the seconds taken."""
+    """Write a SEG, a region SEG, an SR and a preview and run the analysis for a small phantom; return the
+    seconds taken."""
     started = time.perf_counter()
     phantom = generate(seed=0, size="small")
     with tempfile.TemporaryDirectory(prefix="openmsk-warmup-") as tmp:
@@ -30,6 +31,11 @@ def warm_up_outputs() -> float:
         labels = phantom.labels  # on the series' grid (write_seg checks it)
         write_preview(volume.image, labels, volume.affine_lps, scratch / "preview.png")
         seg = write_seg(volume, labels, "warm-up", "0", scratch / "seg.dcm")
-        measurements = start_analysis(labels, volume.spacing).result()  # spawns the analysis process
+        analysis = start_analysis(labels, volume.spacing)  # spawns the helper process
+        measurements = analysis.result()
+        if analysis.region_map is not None:  # the region SEG is written there: warm it there too
+            start_region_seg(
+                volume, analysis.region_map, "warm-up", "0", scratch / "seg_regions.dcm"
+            ).result()
         write_sr(seg.dataset, volume, measurements, "warm-up", "0", scratch / "sr.dcm")
     return time.perf_counter() - started

@@ -6,9 +6,11 @@ same way, fit text into LO/SH fields the same way and are saved atomically the s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 from numpy.typing import NDArray
 
 from openmsk.atomic import atomic_file
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MANUFACTURER",
     "MANUFACTURER_MODEL_NAME",
+    "HeaderVolume",
     "VolumeLike",
     "fit_text",
     "knee_laterality",
@@ -40,6 +43,36 @@ class VolumeLike(Protocol):
     affine_lps: NDArray[Any]  # 4x4, voxel (i, j, k) -> patient LPS mm
     spacing: tuple[float, float, float]
     sources: list[pydicom.Dataset]  # sources[k] is slice k
+
+
+@dataclass(frozen=True)
+class HeaderVolume:
+    """A series without its pixels: the geometry and the source headers, which is all the SEG writer reads of
+    a volume. About 1 MB pickled against ~50 MB with the pixels, so a SEG can be written in another process
+    (``worker.analysis_process``); ``image`` is a zero-stride stand-in of the right shape."""
+
+    shape: tuple[int, int, int]
+    affine_lps: NDArray[Any]
+    spacing: tuple[float, float, float]
+    sources: list[pydicom.Dataset]
+
+    @classmethod
+    def of(cls, volume: VolumeLike) -> HeaderVolume:
+        """*volume*'s headers; the source datasets are new ones sharing the elements, less the pixel data."""
+        from pydicom.dataset import Dataset
+
+        sources = []
+        for ds in volume.sources:
+            # items() hands over the elements as read (still raw): no element is decoded for the copy
+            header = Dataset({tag: element for tag, element in ds.items() if tag.group != 0x7FE0})
+            header.file_meta = ds.file_meta
+            sources.append(header)
+        shape = tuple(int(n) for n in np.shape(volume.image))
+        return cls((shape[0], shape[1], shape[2]), np.asarray(volume.affine_lps), volume.spacing, sources)
+
+    @property
+    def image(self) -> NDArray[Any]:
+        return np.broadcast_to(np.float32(0), self.shape)
 
 
 def knee_laterality(source: Dataset) -> str | None:

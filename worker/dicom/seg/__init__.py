@@ -12,7 +12,7 @@ from worker.dicom.seg.content import (
     segment_description,
     segment_numbers,
 )
-from worker.dicom.seg.sop import SegResult, seg_uids, write_seg
+from worker.dicom.seg.sop import SegResult, seg_header, seg_uids, write_seg
 
 __all__ = [
     "CONTENT_LABEL",
@@ -23,6 +23,7 @@ __all__ = [
     "TISSUE_KINDS",
     "SegResult",
     "SegmentKind",
+    "seg_header",
     "seg_uids",
     "segment_description",
     "segment_numbers",

@@ -44,6 +44,7 @@ from worker.dicom.seg.content import (
     REGION_SEG_SERIES_NUMBER_OFFSET,
     SEG_SERIES_NUMBER_OFFSET,
     TISSUE_KINDS,
+    SegmentKind,
     segment_description,
 )
 from worker.uids import derive_uid
@@ -51,7 +52,11 @@ from worker.uids import derive_uid
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-__all__ = ["SegResult", "seg_uids", "write_seg"]
+__all__ = ["SegResult", "seg_header", "seg_uids", "write_seg"]
+
+#: SOP Class UIDs of the two segmentation types (pydicom 3.0 does not name the 2024 Label Map one)
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,60 @@ def _check(volume: VolumeLike, labels: NDArray[Any]) -> NDArray[Any]:
     return labels
 
 
+def _segments_present(labels: NDArray[np.uint8], regions: bool) -> list[SegmentKind]:
+    """The kinds of the table found in *labels*, in label order: segment ``n`` is the ``n``-th of them."""
+    table = REGION_KINDS if regions else TISSUE_KINDS
+    counts = np.bincount(labels.reshape(-1, order="A"), minlength=256)  # one pass, no copy (C or Fortran)
+    present = [kind for value, kind in table.items() if counts[value]]
+    if not present:
+        what = "region" if regions else "tissue"
+        raise ValueError(f"no {what} of the table is present in the labels: nothing to segment")
+    return present
+
+
+def seg_header(
+    volume: VolumeLike,
+    labels: NDArray[Any],
+    model_name: str,
+    model_version: str,
+    *,
+    labelmap: bool = False,
+    regions: bool = False,
+) -> Dataset:
+    """What a referencing object needs of the SEG :func:`write_seg` writes for the same arguments, without
+    writing it: SOP class, study/series/instance UIDs, the segment table (numbers and labels; a Label Map
+    SEG's background segment 0 is left out, nothing references it) and the referenced source series.
+
+    The SR is built from it while the SEG itself is still being written beside it (``worker.region_outputs``);
+    both come from the same UIDs and the same :func:`_segments_present`, so they agree.
+    """
+    from pydicom.dataset import Dataset
+
+    if not model_name or not model_version:
+        raise ValueError("model_name and model_version must be non-empty")
+    labels = _check(volume, labels)
+    source0 = volume.sources[0]
+    series_uid, sop_uid = seg_uids(
+        str(source0.SeriesInstanceUID), model_name, model_version, labelmap=labelmap, regions=regions
+    )
+    header = Dataset()
+    header.SOPClassUID = LABEL_MAP_SEGMENTATION_STORAGE if labelmap else SEGMENTATION_STORAGE
+    header.SOPInstanceUID = sop_uid
+    header.StudyInstanceUID = source0.StudyInstanceUID
+    header.SeriesInstanceUID = series_uid
+    segments = []
+    for number, kind in enumerate(_segments_present(labels, regions), start=1):
+        item = Dataset()
+        item.SegmentNumber = number
+        item.SegmentLabel = kind.display_name
+        segments.append(item)
+    header.SegmentSequence = segments
+    referenced = Dataset()
+    referenced.SeriesInstanceUID = source0.SeriesInstanceUID
+    header.ReferencedSeriesSequence = [referenced]
+    return header
+
+
 def write_seg(
     volume: VolumeLike,
     labels: NDArray[Any],
@@ -172,11 +231,7 @@ def write_seg(
     labels = _check(volume, labels)
     source0 = volume.sources[0]
 
-    table = REGION_KINDS if regions else TISSUE_KINDS
-    present = [kind for value, kind in table.items() if (labels == value).any()]
-    if not present:
-        what = "region" if regions else "tissue"
-        raise ValueError(f"no {what} of the table is present in the labels: nothing to segment")
+    present = _segments_present(labels, regions)
     # Segment numbers are consecutive from 1 (the standard requires it), in label order; other values -> 0.
     # Where the labels present are 1..n already (every tissue found, the usual case), they are the numbers.
     numbered = [t.label for t in present] == list(range(1, len(present) + 1))
