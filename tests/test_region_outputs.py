@@ -164,8 +164,7 @@ def test_region_seg_uids_are_stable_and_distinct_from_the_tissue_seg(
     assert set(REGION_KINDS) == set(REGIONS)
 
 
-#: what differs between two writes of the same SEG or SR: creation times, and highdicom's random dimension
-#: organization UID
+#: what differs between two writes of the same SEG or SR: creation dates and times
 _PER_WRITE = {
     "InstanceCreationDate",
     "InstanceCreationTime",
@@ -174,8 +173,6 @@ _PER_WRITE = {
     "SeriesDate",
     "SeriesTime",
     "ContributingEquipmentSequence",
-    "DimensionOrganizationSequence",
-    "DimensionIndexSequence",
 }
 
 

@@ -15,6 +15,7 @@ from numpy.typing import NDArray
 
 from openmsk.atomic import atomic_file
 from openmsk.labels import LATERALITY
+from worker.uids import derive_uid
 
 if TYPE_CHECKING:
     import pydicom
@@ -28,6 +29,7 @@ __all__ = [
     "fit_text",
     "knee_laterality",
     "person_name",
+    "reproducible_dimensions",
     "save_dataset",
     "series_number",
 ]
@@ -104,6 +106,17 @@ def save_dataset(dataset: Dataset, out_path: str | Path) -> Path:
     with atomic_file(path) as fh:
         dataset.save_as(fh, enforce_file_format=True)
     return path
+
+
+def reproducible_dimensions(dataset: Dataset) -> None:
+    """Replace the random DimensionOrganizationUID highdicom draws for a multi-frame object by one derived
+    from the object's own (already derived) SOP Instance UID: a rerun then writes the same object, not one
+    that differs from it only in a UID (which a PACS comparing instances would take for a change)."""
+    uid = derive_uid(str(dataset.SOPInstanceUID), "dimension-organization")
+    for keyword in ("DimensionOrganizationSequence", "DimensionIndexSequence"):
+        for item in dataset.get(keyword, []):
+            if "DimensionOrganizationUID" in item:
+                item.DimensionOrganizationUID = uid
 
 
 def person_name(name: str) -> str:

@@ -27,6 +27,7 @@ from worker.dicom.general import (
     fit_text,
     knee_laterality,
     person_name,
+    reproducible_dimensions,
     save_dataset,
     series_number,
 )
@@ -147,6 +148,7 @@ def write_pm(
         pm.Laterality = laterality
     if source0.get("BodyPartExamined"):
         pm.BodyPartExamined = source0.BodyPartExamined
+    reproducible_dimensions(pm)
     path = save_dataset(pm, out_path)
     return PmResult(series_uid, sop_uid, str(pm.SOPClassUID), path, pm)
 

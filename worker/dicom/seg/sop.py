@@ -34,6 +34,7 @@ from worker.dicom.general import (
     fit_text,
     knee_laterality,
     person_name,
+    reproducible_dimensions,
     save_dataset,
     series_number,
 )
@@ -287,6 +288,7 @@ def write_seg(
     # use it.
     if source0.get("BodyPartExamined"):
         seg.BodyPartExamined = source0.BodyPartExamined
+    reproducible_dimensions(seg)
     path = save_dataset(seg, out_path)
     return SegResult(
         series_uid=series_uid,
