@@ -285,7 +285,7 @@ def test_redis_killed_and_restarted_loses_and_duplicates_no_job(
             server.stop()
 
 
-def _mount_tmpfs(folder: Path, size: str) -> str | None:
+def mount_tmpfs(folder: Path, size: str) -> str | None:
     """Mount a tmpfs of ``size`` at ``folder``; the reason it cannot be done, or None."""
     if os.geteuid() != 0:
         return "mounting a small file system needs root"
@@ -300,7 +300,7 @@ def test_disk_full_answers_out_of_resources_writes_nothing_half_and_recovers(
 ) -> None:
     data = tmp_path / "small"
     data.mkdir()
-    reason = _mount_tmpfs(data, "8m")
+    reason = mount_tmpfs(data, "8m")
     if reason is not None:
         print(f"skipped: {reason}")
         pytest.skip(reason)

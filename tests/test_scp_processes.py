@@ -2,7 +2,8 @@
 
 Real peers (storescu, echoscu, pynetdicom, Redis): associations spread over the receivers still make one job
 per series; a receiver SIGKILLed mid-stream loses nothing acknowledged and is started again; the allowlist
-and the association limit hold in every receiver; SIGTERM of ``openmsk scp`` leaves no receiver behind.
+and the association limit hold in every receiver; a full disk is answered Out of Resources, with
+nothing half-written; SIGTERM of ``openmsk scp`` leaves no receiver behind.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
@@ -28,8 +30,10 @@ from tests.processes import descendants, openmsk, settings_env, wait_for
 from tests.test_faults import (
     DCMTK_ENV,
     dataset_bytes,
+    mount_tmpfs,
     partial_leftovers,
     pynetdicom_send,
+    pynetdicom_statuses,
     sop_of,
     stored_files,
     storescu,
@@ -246,3 +250,55 @@ def test_recovery_after_a_dead_receiver_leaves_the_files_of_the_others_alone(set
         path.write_bytes(b"not an instance")
     assert store.recover_partial(pid=111) == (0, 2)
     assert [p.exists() for p in mine + others] == [False, False, True, True]
+
+
+def test_a_full_disk_is_out_of_resources_with_receivers_and_nothing_is_half_written(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Four associations fill an 8 MB file system through two receivers (which of them serves which is the
+    kernel's hash): each C-STORE gets Success or Out of
+    Resources (0xA7xx), what was acknowledged is stored whole, nothing else is, and once space returns the
+    refused instances are taken."""
+    data = tmp_path / "small"
+    data.mkdir()
+    reason = mount_tmpfs(data, "8m")
+    if reason is not None:
+        print(f"skipped: {reason}")
+        pytest.skip(reason)
+    try:
+        config = configured(settings, data_dir=data)
+        series = [write_mr_series(tmp_path / f"s{n}", 10, 512, 256, seed=30 + n) for n in range(4)]  # 10 MB
+        by_uid = {sop_of(p)[2]: p for files in series for p in files}
+        ballast = data / "ballast"
+        with StorageSCP(config) as scp:
+            ballast.write_bytes(b"\0" * (1 << 20))  # 1 MB to free later
+            with ThreadPoolExecutor(4) as pool:
+                statuses = list(
+                    pool.map(lambda n: pynetdicom_statuses(scp.port, series[n], f"FILL{n}"), range(4))
+                )
+            assert [len(s) for s in statuses] == [len(f) for f in series]  # every C-STORE answered
+            flat = [s for per in statuses for s in per]
+            refused = [s for s in flat if s != 0]
+            print(f"\n{flat.count(0)} stored, {len(refused)} refused: {sorted({hex(s) for s in refused})}")
+            assert flat.count(0) > 0 and refused, statuses
+            assert all(s >> 8 == 0xA7 for s in refused)  # Out of Resources, nothing else
+            acked = {
+                sop_of(p)[2] for files, per in zip(series, statuses, strict=True)
+                for p, s in zip(files, per, strict=True) if s == 0
+            }  # fmt: skip
+            stored = stored_files(data)
+            assert set(stored) == acked  # nothing refused is stored, nothing stored is half-written
+            for uid, path in stored.items():
+                assert dataset_bytes(path) == dataset_bytes(by_uid[uid]), uid
+            assert partial_leftovers(data) == []
+            assert len(scp.pool.pids()) == 2 and scp.pool.restarts == 0  # no receiver fell over
+
+            ballast.unlink()  # space returns
+            for path in list(stored.values())[:2]:
+                path.unlink()
+            retry = [p for p in by_uid.values() if sop_of(p)[2] not in acked][:3]
+            assert storescu(scp.port, retry, "FILL0") == {sop_of(p)[2] for p in retry}
+            for path in retry:
+                assert dataset_bytes(stored_files(data)[sop_of(path)[2]]) == dataset_bytes(path)
+    finally:
+        subprocess.run(["umount", "-l", str(data)], capture_output=True)
