@@ -255,10 +255,9 @@ def test_recovery_after_a_dead_receiver_leaves_the_files_of_the_others_alone(set
 def test_a_full_disk_is_out_of_resources_with_receivers_and_nothing_is_half_written(
     settings: Settings, tmp_path: Path
 ) -> None:
-    """Four associations fill an 8 MB file system through two receivers (which of them serves which is the
-    kernel's hash): each C-STORE gets Success or Out of
-    Resources (0xA7xx), what was acknowledged is stored whole, nothing else is, and once space returns the
-    refused instances are taken."""
+    """Four associations fill an 8 MB file system through two receivers (which one serves which is the
+    kernel's hash): each C-STORE gets Success or Out of Resources (0xA7xx), what was acknowledged is stored
+    whole, nothing else is, and once space returns the refused instances are taken."""
     data = tmp_path / "small"
     data.mkdir()
     reason = mount_tmpfs(data, "8m")
