@@ -25,6 +25,7 @@ import requests
 from openmsk.labels import LATERALITY
 from openmsk.phantom import Phantom, generate, write_series
 from openmsk.regions import MEASURED, NOT_MEASURABLE, REGIONS, REGIONS_BY_NAME
+from tests.dicom_objects import differing
 from worker import analysis_process
 from worker.analysis import analyse, cartilage_thickness
 from worker.dicom.sc import sc_uids, write_thickness_sc
@@ -164,23 +165,6 @@ def test_region_seg_uids_are_stable_and_distinct_from_the_tissue_seg(
     assert set(REGION_KINDS) == set(REGIONS)
 
 
-#: what differs between two writes of the same SEG or SR: creation dates and times
-_PER_WRITE = {
-    "InstanceCreationDate",
-    "InstanceCreationTime",
-    "ContentDate",
-    "ContentTime",
-    "SeriesDate",
-    "SeriesTime",
-    "ContributingEquipmentSequence",
-}
-
-
-def _differing(a: pydicom.Dataset, b: pydicom.Dataset) -> list[str]:
-    keys = {e.keyword for e in a} | {e.keyword for e in b}
-    return sorted(k for k in keys - _PER_WRITE if a.get(k) != b.get(k))
-
-
 def test_the_sr_references_the_region_seg_by_its_header_as_it_would_the_seg(
     case: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -214,7 +198,7 @@ def test_the_sr_references_the_region_seg_by_its_header_as_it_would_the_seg(
         case["seg"].dataset, volume, case["m"], MODEL, VERSION, tmp_path / "sr.dcm", region_seg=header
     )
     assert from_header.regions == case["sr"].regions
-    assert _differing(pydicom.dcmread(from_header.path), pydicom.dcmread(case["sr"].path)) == []
+    assert differing(pydicom.dcmread(from_header.path), pydicom.dcmread(case["sr"].path)) == []
 
 
 def test_the_region_seg_written_in_the_helper_process_is_the_one_written_here(
@@ -232,7 +216,7 @@ def test_the_region_seg_written_in_the_helper_process_is_the_one_written_here(
         None,
     )
     beside, here = pydicom.dcmread(written.path), pydicom.dcmread(case["rseg"].path)
-    assert _differing(beside, here) == []
+    assert differing(beside, here) == []
     assert beside.PixelData == here.PixelData
 
 

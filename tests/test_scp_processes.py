@@ -17,7 +17,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
@@ -30,10 +29,10 @@ from tests.processes import descendants, openmsk, settings_env, wait_for
 from tests.test_faults import (
     DCMTK_ENV,
     dataset_bytes,
-    mount_tmpfs,
     partial_leftovers,
     pynetdicom_send,
     pynetdicom_statuses,
+    small_file_system,
     sop_of,
     stored_files,
     storescu,
@@ -258,13 +257,7 @@ def test_a_full_disk_is_out_of_resources_with_receivers_and_nothing_is_half_writ
     """Four associations fill an 8 MB file system through two receivers (which one serves which is the
     kernel's hash): each C-STORE gets Success or Out of Resources (0xA7xx), what was acknowledged is stored
     whole, nothing else is, and once space returns the refused instances are taken."""
-    data = tmp_path / "small"
-    data.mkdir()
-    reason = mount_tmpfs(data, "8m")
-    if reason is not None:
-        print(f"skipped: {reason}")
-        pytest.skip(reason)
-    try:
+    with small_file_system(tmp_path / "small", "8m") as data:
         config = configured(settings, data_dir=data)
         series = [write_mr_series(tmp_path / f"s{n}", 10, 512, 256, seed=30 + n) for n in range(4)]  # 10 MB
         by_uid = {sop_of(p)[2]: p for files in series for p in files}
@@ -299,5 +292,3 @@ def test_a_full_disk_is_out_of_resources_with_receivers_and_nothing_is_half_writ
             assert storescu(scp.port, retry, "FILL0") == {sop_of(p)[2] for p in retry}
             for path in retry:
                 assert dataset_bytes(stored_files(data)[sop_of(path)[2]]) == dataset_bytes(path)
-    finally:
-        subprocess.run(["umount", "-l", str(data)], capture_output=True)
