@@ -30,7 +30,15 @@ from worker import analysis_process
 from worker.analysis import analyse, cartilage_thickness
 from worker.dicom.sc import sc_uids, write_thickness_sc
 from worker.dicom.seg import REGION_KINDS, seg_header, seg_uids, write_seg
-from worker.dicom.sr import CODE_AREA, CODE_T2, CODE_THICKNESS, STATISTICS, change_identifier, write_sr
+from worker.dicom.sr import (
+    CODE_AREA,
+    CODE_T2,
+    CODE_THICKNESS,
+    STATISTICS,
+    change_identifier,
+    measurement_document,
+    write_sr,
+)
 from worker.prior import NodePriors, OrthancPriors, Prior, compare, find_prior, mean_thicknesses, patient_key
 from worker.thickness_maps import MAPS, AnatomicalFrame, thickness_maps, write_thickness_maps
 from worker.volume import SeriesVolume, load_series, read_series
@@ -199,6 +207,55 @@ def test_the_sr_references_the_region_seg_by_its_header_as_it_would_the_seg(
     )
     assert from_header.regions == case["sr"].regions
     assert differing(pydicom.dcmread(from_header.path), pydicom.dcmread(case["sr"].path)) == []
+
+
+def test_the_sr_is_the_document_highdicom_would_make_of_the_same_report(
+    case: dict[str, Any], tmp_path: Path
+) -> None:
+    """write_sr attaches the content tree after highdicom made the document around its root (highdicom's own
+    copy and re-reading of the tree cost a third of the SR's time): the file must be the one
+    ``highdicom.sr.Comprehensive3DSR`` writes for the same report and evidence, item for item."""
+    import highdicom as hd
+
+    written = pydicom.dcmread(case["sr"].path)
+
+    def items(sequence: Any) -> int:
+        return sum(1 + items(item.get("ContentSequence", [])) for item in sequence)
+
+    assert items(written.ContentSequence) > 500  # the groups of the tissues, regions and their statistics
+    attributes = {
+        "series_instance_uid": written.SeriesInstanceUID,
+        "series_number": int(written.SeriesNumber),
+        "sop_instance_uid": written.SOPInstanceUID,
+        "instance_number": 1,
+        "manufacturer": written.Manufacturer,
+        "is_complete": True,
+        "is_final": False,
+        "is_verified": False,
+        "series_description": written.SeriesDescription,
+        "manufacturer_model_name": written.ManufacturerModelName,
+        "software_versions": written.SoftwareVersions,
+    }
+    evidence = [case["seg"].dataset, case["rseg"].dataset]
+    report = pydicom.Dataset()
+    for element in written:
+        if element.keyword in {
+            "ConceptNameCodeSequence",
+            "ContentTemplateSequence",
+            "ContinuityOfContent",
+            "ValueType",
+            "ContentSequence",
+        }:
+            report.add(element)
+    by_highdicom = tmp_path / "highdicom.dcm"
+    hd.sr.Comprehensive3DSR(evidence=evidence, content=report, **attributes).save_as(by_highdicom)
+    again = tmp_path / "shortcut.dcm"
+    measurement_document([report], evidence, **attributes).save_as(again)
+    for path in (case["sr"].path, again):
+        assert differing(pydicom.dcmread(path), pydicom.dcmread(by_highdicom)) == [], path
+    # a report that references an instance not given as evidence is refused, as highdicom refuses it
+    with pytest.raises(ValueError, match="evidence"):
+        measurement_document([report], evidence[:1], **attributes)
 
 
 def test_the_region_seg_written_in_the_helper_process_is_the_one_written_here(

@@ -13,7 +13,7 @@ from worker.dicom.sr.content import (
     change_identifier,
     measurement_group,
 )
-from worker.dicom.sr.sop import SrResult, sr_uids, write_sr
+from worker.dicom.sr.sop import SrResult, measurement_document, sr_uids, write_sr
 
 __all__ = [
     "CODE_95TH_PERCENTILE",
@@ -27,6 +27,7 @@ __all__ = [
     "SrResult",
     "change_group",
     "change_identifier",
+    "measurement_document",
     "measurement_group",
     "sr_uids",
     "write_sr",

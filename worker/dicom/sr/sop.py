@@ -54,7 +54,7 @@ from worker.uids import derive_uid
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-__all__ = ["SrResult", "sr_uids", "write_sr"]
+__all__ = ["SrResult", "measurement_document", "sr_uids", "write_sr"]
 
 
 @dataclass(frozen=True)
@@ -258,9 +258,9 @@ def write_sr(
         imaging_measurements=groups,
     )
     series_uid, sop_uid = sr_uids(source_series_uid, model_name, model_version)
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=evidence,
-        content=report,
+    sr = measurement_document(
+        report,
+        evidence,
         series_instance_uid=series_uid,
         series_number=series_number(source0, SR_SERIES_NUMBER_OFFSET),
         sop_instance_uid=sop_uid,
@@ -283,6 +283,49 @@ def write_sr(
         regions=tuple(reported_regions),
         changes=tuple(changes),
     )
+
+
+def measurement_document(report: Any, evidence: list[Dataset], **attributes: Any) -> Dataset:
+    """The Comprehensive 3D SR document of a TID 1500 *report* (``highdicom.sr.MeasurementReport``) whose
+    groups reference only the instances in *evidence*: what ``highdicom.sr.Comprehensive3DSR(evidence,
+    report, **attributes)`` makes, for less than half its time.
+
+    highdicom's constructor deep-copies the content tree, reads the copy back into typed content items and
+    walks the tree for the instances it references (about 0.35 s for the ~2,300 items of a knee report: a third
+    of the SR's time, on the critical path of every job). Here the document is made around the root
+    container alone and the tree is attached after it: its items come from highdicom's templates, which
+    validated them, and the evidence (the SEGs) is what highdicom lists anyway, since it lists every evidence
+    instance given, referenced or not. The result is only written, never read back as highdicom content
+    (its typed view holds the root alone); ``tests/test_region_outputs.py`` checks that the file is the one
+    highdicom writes.
+    """
+    import highdicom as hd
+    from pydicom.dataset import Dataset
+
+    root = report[0]
+    given = {str(item.SOPInstanceUID) for item in evidence}
+    missing = sorted(_referenced_instances(root.ContentSequence) - given)
+    if missing:  # as highdicom refuses it
+        raise ValueError(f"no evidence was given for the instances the report references: {missing}")
+    container = Dataset()
+    for element in root:
+        if element.keyword != "ContentSequence":
+            container.add(element)
+    container.ContentSequence = []  # highdicom looks into it for references
+    document = hd.sr.Comprehensive3DSR(evidence=evidence, content=container, **attributes)
+    document.ContentSequence = root.ContentSequence
+    return document
+
+
+def _referenced_instances(items: Any) -> set[str]:
+    """The SOP Instance UIDs that IMAGE and COMPOSITE items of the content tree *items* reference."""
+    found: set[str] = set()
+    for item in items:
+        if item.ValueType in ("IMAGE", "COMPOSITE"):
+            found.update(str(ref.ReferencedSOPInstanceUID) for ref in item.ReferencedSOPSequence)
+        elif "ContentSequence" in item:
+            found |= _referenced_instances(item.ContentSequence)
+    return found
 
 
 def _check_source(seg: Dataset, source_series_uid: str) -> None:
