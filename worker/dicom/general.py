@@ -101,10 +101,13 @@ def series_number(source: Dataset, offset: int) -> int:
 
 
 def save_dataset(dataset: Dataset, out_path: str | Path) -> Path:
-    """Write *dataset* as a DICOM file atomically: a reader never sees half a file under the final name."""
+    """Write *dataset* as a DICOM file atomically: a reader never sees half a file under the final name. Its
+    sequences are encoded by :mod:`worker.dicom.encoding` (the same bytes, in a fraction of pydicom's time)."""
+    from worker.dicom.encoding import with_encoded_sequences
+
     path = Path(out_path)
     with atomic_file(path) as fh:
-        dataset.save_as(fh, enforce_file_format=True)
+        with_encoded_sequences(dataset).save_as(fh, enforce_file_format=True)
     return path
 
 
