@@ -74,15 +74,15 @@ def _encode_element(element: DataElement) -> bytes:
     elif element.is_empty:
         value = b""
     elif vr in _NUMBERS:
-        numbers = element.value if _multi(element.value) else [element.value]
+        numbers = _values(element.value)
         value = struct.pack(f"<{len(numbers)}{_NUMBERS[vr]}", *numbers)
     elif vr in _NUMBER_STRINGS:
-        values = element.value if _multi(element.value) else [element.value]
+        values = _values(element.value)
         value = _ascii(
             "\\".join(v.original_string if hasattr(v, "original_string") else str(v) for v in values), b" "
         )
     elif vr == "UI" or vr in _STRINGS:
-        values = element.value if _multi(element.value) else [element.value]
+        values = _values(element.value)
         if not all(isinstance(v, str) for v in values):
             raise NotPlain(f"a {vr} value that is not text")
         value = _ascii("\\".join(values), b"\0" if vr == "UI" else b" ")
@@ -96,8 +96,9 @@ def _encode_element(element: DataElement) -> bytes:
     return header + struct.pack("<H", len(value)) + value
 
 
-def _multi(value: Any) -> bool:
-    return isinstance(value, MultiValue | list | tuple | np.ndarray)  # what pydicom writes as several values
+def _values(value: Any) -> Any:
+    """*value* as a sequence of values: a multi-value as it is (what pydicom writes as several), else one."""
+    return value if isinstance(value, MultiValue | list | tuple | np.ndarray) else [value]
 
 
 def _ascii(text: str, pad: bytes) -> bytes:
@@ -111,7 +112,8 @@ def _ascii(text: str, pad: bytes) -> bytes:
 def with_encoded_sequences(dataset: Dataset) -> Dataset:
     """*dataset* to write: a shallow copy whose top-level sequences are raw elements encoded by
     :func:`encode_items` (each one that holds only what it encodes), or *dataset* itself where none does or the
-    object is not one this module writes (see the module). *dataset* is not changed."""
+    object is not one this module writes (see the module). *dataset* keeps its elements; an ambiguous VR in it
+    is resolved in place, as pydicom's own writing resolves it."""
     meta = getattr(dataset, "file_meta", None)
     if meta is None or meta.get("TransferSyntaxUID") != ExplicitVRLittleEndian:
         return dataset
